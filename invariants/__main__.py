@@ -1,0 +1,5 @@
+import sys
+
+from invariants._cli import main
+
+sys.exit(main())

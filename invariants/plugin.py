@@ -1,0 +1,82 @@
+"""pytest plugin of the harness, registered through the ``pytest11`` entry point.
+
+Options live in one group (``invariants``); their names are constants so tests
+and docs cannot drift. Markers: ``golden`` (a golden training run), ``slow``,
+``gpu`` (skipped cleanly without CUDA), ``distributed`` (spawns processes).
+Unless ``--hypothesis-profile`` is given, the profile comes from
+``$HYPOTHESIS_PROFILE``, else ``ci`` (see invariants/_profiles.py).
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+GROUP = "invariants"
+OPT_GOLDEN_UPDATE = "--golden-update"
+OPT_GOLDEN_DIR = "--golden-dir"
+OPT_DEVICE = "--device"
+
+MARKERS = {
+    "golden": "a short deterministic training run compared with its stored golden curve",
+    "slow": "takes more than a few seconds",
+    "gpu": "needs CUDA; skipped cleanly when torch.cuda.is_available() is False",
+    "distributed": "spawns a torch.distributed (gloo) process group on loopback",
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup(GROUP, "stability invariants")
+    group.addoption(OPT_GOLDEN_UPDATE, action="store_true", default=False,
+                    help="rewrite the golden curves of the current device key instead of "
+                         "comparing with them")
+    group.addoption(OPT_GOLDEN_DIR, default=None, metavar="DIR",
+                    help="directory of golden/<run>/<device-key>.json (default: ./golden "
+                         "under the rootdir)")
+    group.addoption(OPT_DEVICE, default="cpu", choices=("cpu", "cuda"),
+                    help="device for golden runs and device-aware fixtures (default: cpu)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+    from invariants._profiles import load_profile
+    try:
+        chosen = config.getoption("hypothesis_profile")
+    except ValueError:  # hypothesis's plugin not loaded
+        chosen = None
+    if chosen is None:
+        load_profile()
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("gpu") is not None and not _cuda_available():
+        pytest.skip("needs CUDA: torch.cuda.is_available() is False on this machine")
+
+
+@pytest.fixture
+def device(request: pytest.FixtureRequest):
+    """The torch.device chosen with --device; skips the test if CUDA is asked for but absent."""
+    import torch
+    name = request.config.getoption(OPT_DEVICE)
+    if name == "cuda" and not _cuda_available():
+        pytest.skip("--device cuda given but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+@pytest.fixture
+def seeded_rngs():
+    """Seed python, numpy and torch RNGs with 0 for the test; restore torch's state after."""
+    import numpy as np
+    import torch
+    state = torch.random.get_rng_state()
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield 0
+    torch.random.set_rng_state(state)
