@@ -10,7 +10,11 @@ import importlib
 from invariants import Case
 
 SYSTEM_MODULES = (
+    "reference_models.hyperlora",        # seed 000
+    "reference_models.staged_modules",   # seed 001
+    "reference_models.curriculum_lm",    # seed 002
     "reference_models.lora_init",        # seed 003
+    "reference_models.evolving_context", # seed 004
 )
 
 
