@@ -116,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (2) and --help (0) become return codes
+        return int(exc.code or 0)
     try:
         return int(args.func(args))
     except InvalidArgumentError as exc:

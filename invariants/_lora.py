@@ -205,6 +205,9 @@ def assert_adapter_contribution_negligible(base: nn.Module, adapted: nn.Module,
 
     This is the seed's "near-zero initial contribution" claim for Option 4c,
     stated so it can be tested; the harness refutes it for that init.
+
+    Raises:
+      InvariantViolation: for the row with the largest ‖Δy_i‖/‖x_i‖ above ``rel_tol``.
     """
     __tracebackhide__ = True
     require_positive("rel_tol", rel_tol)

@@ -106,6 +106,11 @@ def float_tensors(*, shape: Any = _DEFAULT_SHAPES, dtype: Any = torch.float32,
     if max_magnitude < min_magnitude:
         raise InvalidArgumentError(
             f"Cannot have max_magnitude={max_magnitude:g} < min_magnitude={min_magnitude:g}")
+    if isinstance(dtype, torch.dtype) and dtype in FLOAT_DTYPES \
+            and max_magnitude > float(torch.finfo(dtype).max):
+        raise InvalidArgumentError(
+            f"max_magnitude={max_magnitude:g}: exceeds the largest finite {dtype} "
+            f"({float(torch.finfo(dtype).max):g})")
     if isinstance(shape, tuple):
         for side in shape:
             require(isinstance(side, int) and side >= 0, "shape", shape,

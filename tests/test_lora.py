@@ -1,0 +1,188 @@
+"""Seed 003: the generic LoRA checks on a second, independently written adapter,
+the documented domain of L1, the L5 refutation, and bad input."""
+import math
+import re
+
+import pytest
+import torch
+from hypothesis import example, given, strategies as st
+from torch import nn
+
+from invariants import (InvalidArgumentError, InvariantViolation, LoraConfig,
+                        assert_adapter_delta_within_bound, assert_adapter_gradients_flow_at_init,
+                        assert_adapter_identity_at_init, assert_adapter_kl_zero,
+                        assert_merge_roundtrip, assert_scale_schedule_progressive,
+                        float_tensors, lora_configs)
+from reference_models import lora_init as ref
+
+
+class WrappedLinear(nn.Module):
+    """Another adapter style: an nn.Linear wrapped with `down`/`up` Linear layers and alpha/r."""
+
+    def __init__(self, inner: nn.Linear, r: int, alpha: float, zero_up: bool = True):
+        super().__init__()
+        self.inner = inner
+        self.down = nn.Linear(inner.in_features, r, bias=False)
+        self.up = nn.Linear(r, inner.out_features, bias=False)
+        self.scaling = alpha / r
+        if zero_up:
+            nn.init.zeros_(self.up.weight)
+        else:
+            nn.init.normal_(self.up.weight, std=0.01)
+
+    def forward(self, x):
+        return self.inner(x) + self.up(self.down(x)) * self.scaling
+
+
+def _wrapped(c: LoraConfig, zero_up=True):
+    base = nn.Linear(c.in_features, c.out_features)
+    inner = nn.Linear(c.in_features, c.out_features)
+    inner.load_state_dict(base.state_dict())
+    return base, WrappedLinear(inner, c.rank, alpha=c.scale * c.rank, zero_up=zero_up)
+
+
+@given(c=lora_configs(), data=st.data())
+def test_second_adapter_identity_and_gradients(c, data):
+    base, adapted = _wrapped(c)
+    x = data.draw(float_tensors(shape=(data.draw(st.integers(1, 4)), c.in_features),
+                                min_magnitude=1e-3, allow_zero=False))
+    assert_adapter_identity_at_init(base, adapted, x)
+    assert_adapter_gradients_flow_at_init(adapted, x, lora_A=adapted.down.weight,
+                                          lora_B=adapted.up.weight)
+    assert_adapter_delta_within_bound(base, adapted, x, scale=adapted.scaling,
+                                      lora_A=adapted.down.weight, lora_B=adapted.up.weight)
+
+
+def test_second_adapter_random_up_is_caught():
+    base, adapted = _wrapped(LoraConfig(8, 8, 2, scale=10.0), zero_up=False)
+    with pytest.raises(InvariantViolation, match=r"(?s)\[L1\] .* elements .* differ beyond exact"):
+        assert_adapter_identity_at_init(base, adapted, torch.ones(1, 8))
+
+
+def test_second_adapter_merge_with_user_callables():
+    base, adapted = _wrapped(LoraConfig(6, 5, 2, scale=3.0), zero_up=False)
+    delta = lambda m: (m.up.weight @ m.down.weight) * m.scaling  # noqa: E731
+
+    def merge(m):
+        m.inner.weight.data += delta(m)
+        m._saved, m.up.weight.data = m.up.weight.data.clone(), torch.zeros_like(m.up.weight)
+
+    def unmerge(m):
+        m.up.weight.data = m._saved
+        m.inner.weight.data -= delta(m)
+
+    assert_merge_roundtrip(adapted, torch.randn(3, 6), merge=merge, unmerge=unmerge)
+
+    def forgetful_merge(m):  # folds the update without the scale
+        m.inner.weight.data += m.up.weight @ m.down.weight
+        m._saved, m.up.weight.data = m.up.weight.data.clone(), torch.zeros_like(m.up.weight)
+
+    with pytest.raises(InvariantViolation, match=r"(?s)\[L6\] .*merged vs unmerged output"):
+        assert_merge_roundtrip(adapted, torch.randn(3, 6), merge=forgetful_merge,
+                               unmerge=unmerge)
+
+
+def test_l1_domain_overflowing_intermediate_is_reported_not_hidden():
+    """Documented contract: L1 holds for finite x whose adapter intermediate x·A is finite.
+
+    With float32, x = 3e38 in every feature makes x·A overflow to inf; inf·0 = NaN, so
+    adapted(x) is NaN while base(x) may be finite or inf. The check reports it.
+    """
+    base, adapted = ref.make_pair(LoraConfig(64, 4, 2, scale=1.0), ref.FIXED)
+    x = 3e38 * torch.sign(adapted.lora_A[:, 0].detach()).unsqueeze(0)  # (1, 64), aligned with A
+    with torch.no_grad():
+        assert torch.isinf(x @ adapted.lora_A).any()
+    with pytest.raises(InvariantViolation, match=r"actual nan"):
+        assert_adapter_identity_at_init(base, adapted, x, train=False)
+
+
+@given(d=st.integers(2, 16), data=st.data())
+@example(d=2, data=None).via("smallest square layer: x = e1 lies in span(A) when rank = d")
+def test_l5_orthogonal_4c_contribution_is_minus_projection(d, data):
+    """Option 4c gives Δy = -x·A·Aᵀ exactly (a projection), not near zero."""
+    rank = d if data is None else data.draw(st.integers(1, d))
+    base, adapted = ref.make_pair(LoraConfig(d, d, rank, scale=10.0), ref.ORTHOGONAL_4C,
+                                  dtype=torch.float64)
+    x = torch.eye(d, dtype=torch.float64)[:1] if data is None else \
+        data.draw(float_tensors(shape=(2, d), dtype=torch.float64, max_magnitude=10.0))
+    with torch.no_grad():
+        delta = adapted(x) - base(x)
+        a = adapted.lora_A
+        torch.testing.assert_close(delta, -(x @ a @ a.T))
+        # a projection: ‖Δy‖ <= ‖x‖, with equality when x lies in span(A)
+        assert bool((delta.norm(dim=-1) <= x.norm(dim=-1) * (1 + 1e-12)).all())
+        in_span = x @ a @ a.T
+        torch.testing.assert_close((adapted(in_span) - base(in_span)).norm(dim=-1),
+                                   in_span.norm(dim=-1))
+
+
+def test_seed_scale_claims_measured():
+    """The seed says random ~0.01 init with scale 10 adds "~0.1 magnitude noise".
+
+    Measured on rank 16, d = 64: the entries of scale·A·B have std ~ 10·sqrt(16)·1e-4 = 4e-3;
+    the claim overstates the per-weight perturbation by ~25x (it is still not zero, so L1 fails).
+    """
+    base, adapted = ref.make_pair(LoraConfig(64, 64, 16, scale=10.0), ref.BROKEN)
+    with torch.no_grad():
+        std = float((10.0 * adapted.lora_A @ adapted.lora_B).std())
+    assert 2e-3 < std < 8e-3, std
+
+
+BAD_INPUT = [
+    ("non-finite x", lambda b, a: assert_adapter_identity_at_init(
+        b, a, torch.tensor([[1.0, math.nan, 0.0, 0.0]])),
+     r"x=Tensor\(shape=\(1, 4\).*must be finite, but 1 of 4 elements are not \(first at index \(0, 1\): nan\)"),
+    ("mismatched shapes", lambda b, a: assert_adapter_identity_at_init(
+        b, nn.Linear(4, 5), torch.ones(1, 4)),
+     r"base\(x\).shape=\(1, 3\) and adapted\(x\).shape=\(1, 5\)"),
+    ("wrong input width", lambda b, a: assert_adapter_identity_at_init(b, a, torch.ones(1, 7)),
+     r"base: calling it on x.shape=\(1, 7\)"),
+    ("negative scale", lambda b, a: assert_adapter_delta_within_bound(
+        b, a, torch.ones(1, 4), scale=-1.0, lora_A=a.lora_A, lora_B=a.lora_B),
+     r"scale=-1.0: must be a finite number >= 0"),
+    ("zero x for gradients", lambda b, a: assert_adapter_gradients_flow_at_init(
+        a, torch.zeros(2, 4), lora_A=a.lora_A, lora_B=a.lora_B), r"x=.*must have a non-zero element"),
+    ("float tokens", lambda b, a: assert_adapter_kl_zero(b, a, torch.ones(1, 3)),
+     r"tokens.dtype=torch.float32: must be an integer dtype"),
+    ("schedule steps 0", lambda b, a: assert_scale_schedule_progressive(
+        lambda s: 0.0, total_steps=0, target=1.0), r"total_steps=0"),
+    ("schedule target 0", lambda b, a: assert_scale_schedule_progressive(
+        lambda s: 0.0, total_steps=3, target=0.0), r"target=0.0"),
+]
+
+
+@pytest.mark.parametrize("call,match", [(c, m) for _, c, m in BAD_INPUT],
+                         ids=[name for name, _, _ in BAD_INPUT])
+def test_bad_input(call, match):
+    base, adapted = ref.make_pair(LoraConfig(4, 3, 2, scale=1.0), ref.FIXED)
+    with pytest.raises(InvalidArgumentError, match=match):
+        call(base, adapted)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("rank", 0, r"rank=0: must be an integer >= 1"),
+    ("scale", -1.0, r"scale=-1.0: must be a finite number >= 0"),
+    ("dropout", 1.0, r"dropout=1.0: must lie in \[0, 1\)"),
+])
+def test_bad_configs(field, value, match):
+    kwargs = {"in_features": 4, "out_features": 4, "rank": 2, "scale": 1.0, "dropout": 0.0,
+              field: value}
+    with pytest.raises(InvalidArgumentError, match=match):
+        LoraConfig(**kwargs)
+    with pytest.raises(InvalidArgumentError, match=match):
+            ref.LoraInitConfig(**{field: value})
+
+
+def test_failure_message_reads_like_a_report():
+    import expecttest
+    base, adapted = ref.make_pair(LoraConfig(2, 2, 1, scale=10.0), ref.BROKEN)
+    with pytest.raises(InvariantViolation) as info:
+        assert_adapter_identity_at_init(base, adapted, torch.ones(1, 2), train=False,
+                                        custom_message="while checking layer q_proj")
+    text = str(info.value)
+    text = re.sub(r"-?\d+\.\d+(e[-+]\d+)?", "<num>", text)
+    expecttest.assert_expected_inline(text, """\
+[L1] assert_adapter_identity_at_init: expected the adapted module to reproduce the base output exactly at initialisation
+  observed: adapted(x) vs base(x): 2 / 2 elements (<num>%) differ beyond exact equality; greatest absolute difference <num> at index (0, 0) (actual <num>, expected <num>); greatest relative difference <num>
+  hint: initialise lora_B (the up-projection) to zeros
+while checking layer q_proj""")

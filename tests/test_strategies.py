@@ -1,0 +1,91 @@
+"""The strategies reach the edges they promise, and reject bad arguments up front."""
+import math
+
+import pytest
+import torch
+from hypothesis import find, given, settings, strategies as st
+
+from invariants import InvalidArgumentError, dtypes, float_tensors, lora_configs, values_around
+
+REACHES = [
+    ("exact zero", float_tensors(), lambda t: bool((t == 0).any())),
+    ("batch 1", float_tensors(), lambda t: t.shape[0] == 1),
+    ("non-contiguous", float_tensors(), lambda t: not t.is_contiguous()),
+    ("bfloat16", float_tensors(dtype=dtypes()), lambda t: t.dtype == torch.bfloat16),
+    ("float64", float_tensors(dtype=dtypes()), lambda t: t.dtype == torch.float64),
+    ("tiny magnitude", float_tensors(min_magnitude=1e-6, max_magnitude=1e4),
+     lambda t: bool(((t.abs() > 0) & (t.abs() <= 1e-6)).any())),
+    ("huge magnitude", float_tensors(min_magnitude=1e-6, max_magnitude=1e4),
+     lambda t: bool((t.abs() >= 1e4).any())),
+    ("negative", float_tensors(), lambda t: bool((t < 0).any())),
+]
+
+
+@pytest.mark.parametrize("strategy,predicate", [(s, p) for _, s, p in REACHES],
+                         ids=[name for name, _, _ in REACHES])
+def test_float_tensors_reach(strategy, predicate):
+    found = find(strategy, predicate, settings=settings(max_examples=500, database=None))
+    assert predicate(found)
+
+
+def test_float_tensors_respect_magnitude_bounds():
+    @given(float_tensors(min_magnitude=1e-3, max_magnitude=10.0, allow_zero=False,
+                         dtype=torch.float64))
+    def prop(t):
+        assert bool(((t.abs() >= 1e-3) & (t.abs() <= 10.0)).all()), t
+        assert torch.isfinite(t).all()
+    prop()
+
+
+@pytest.mark.parametrize("which", ["at", "one ulp above", "one ulp below"])
+def test_values_around_hits_the_float32_neighbours(which):
+    bound = torch.tensor(1.0, dtype=torch.float32)
+    target = {"at": bound,
+              "one ulp above": torch.nextafter(bound, torch.tensor(2.0)),
+              "one ulp below": torch.nextafter(bound, torch.tensor(0.0))}[which]
+    found = find(values_around(1.0), lambda v: v == float(target),
+                 settings=settings(max_examples=500, database=None))
+    assert found == float(target)
+
+
+@pytest.mark.parametrize("predicate", [
+    lambda c: c.rank == 1,
+    lambda c: c.rank == min(c.in_features, c.out_features) > 1,
+    lambda c: c.in_features == 1,
+    lambda c: c.scale >= 10.0,
+    lambda c: c.dropout > 0,
+], ids=["rank 1", "full rank", "width 1", "scale >= 10", "dropout"])
+def test_lora_configs_reach(predicate):
+    assert predicate(find(lora_configs(), predicate, settings=settings(max_examples=500,
+                                                                        database=None)))
+
+
+def test_lora_configs_accept_values_and_strategies():
+    @given(lora_configs(in_features=4, out_features=st.just(3), rank=st.integers(1, 2)))
+    def prop(c):
+        assert (c.in_features, c.out_features) == (4, 3) and 1 <= c.rank <= 2
+    prop()
+
+
+BAD_ARGUMENTS = [
+    ("negative max", lambda: float_tensors(max_magnitude=-1.0), r"Cannot have max_magnitude=-1"),
+    ("min above max", lambda: float_tensors(min_magnitude=5, max_magnitude=1),
+     r"Cannot have max_magnitude=1 < min_magnitude=5"),
+    ("infinite max", lambda: float_tensors(max_magnitude=math.inf), r"max_magnitude=inf"),
+    ("negative shape", lambda: float_tensors(shape=(2, -1)), r"shape=\(2, -1\)"),
+    ("bound zero", lambda: values_around(0.0), r"bound=0.0: must be a finite number > 0"),
+    ("ulps zero", lambda: values_around(1.0, ulps=0), r"ulps=0"),
+    ("no dtypes", lambda: dtypes(include=()), r"include=\(\)"),
+    ("int dtype", lambda: dtypes(include=(torch.int64,)), r"include=torch.int64"),
+    ("max_features 0", lambda: lora_configs(max_features=0), r"max_features=0"),
+    ("float16 max exceeded",
+     lambda: float_tensors(dtype=torch.float16, max_magnitude=1e6),
+     r"max_magnitude=1e\+06: exceeds the largest finite torch.float16"),
+]
+
+
+@pytest.mark.parametrize("make,match", [(m, r) for _, m, r in BAD_ARGUMENTS],
+                         ids=[name for name, _, _ in BAD_ARGUMENTS])
+def test_bad_strategy_arguments(make, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        make()
