@@ -1,2 +1,1322 @@
-"""(placeholder — filled by its issue)."""
-__all__: list[str] = []
+"""Collapse-signature detectors: one definition, two drivers.
+
+Every signature SPEC.md names (seed sections and "Generic collapse signatures")
+is one detector class here.  Each class states its rule once, in its docstring,
+and implements it twice with the *same floating-point operations in the same
+order*:
+
+- ``stream()`` returns a small state object whose ``push`` takes one
+  observation (constant memory per metric: a few floats, and ring buffers whose
+  size is a config constant, never the length of the run).  ``StreamingScanner``
+  feeds records to these states; ``CollapseGuard`` (``_guard.py``) wraps it.
+- ``scan(view)`` takes a metric's whole series as numpy arrays and finds the
+  first observation that triggers the rule (``VectorisedScanner`` /
+  ``scan_series``; used by ``invariants scan``).
+
+Running sums are numpy's sequential ``cumsum`` in one driver and ``+=`` in the
+other, running extrema are ``minimum.accumulate`` / ``min``, and the two EMA
+recursions of ZClip are ``itertools.accumulate`` over the same Python
+expression, so both drivers give bit-identical findings (tests/test_signatures_*.py
+checks this with Hypothesis).
+
+A finding is reported once per (signature, metric, severity), at the first step
+it was detectable.  Non-finite observations are reported by ``non_finite`` and
+skipped by every other detector.  Defaults come from the seeds where they give
+numbers, otherwise from the cited source; see docs/signatures.md.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from hypothesis import strategies as st
+
+from invariants._errors import InvalidArgumentError, require
+
+__all__ = [
+    "CANONICAL_METRICS",
+    "Finding",
+    "SIGNATURES",
+    "SampleStatistics",
+    "SignatureConfig",
+    "StreamingScanner",
+    "VectorisedScanner",
+    "build_detectors",
+    "metric_series",
+    "sample_statistics",
+    "scan_records",
+    "scan_series",
+    "verdict_of",
+]
+
+NUMERIC_METRICS = (
+    "loss", "val_loss", "accuracy", "val_accuracy", "grad_norm", "loss_scale", "lr",
+    "entropy", "attention_sharpness", "lora_norm", "nan_batches", "bg_fraction",
+    "target_bg_fraction", "z_e_step_change", "z_e_step_change_pct", "grad_norm_encoder",
+)
+TEXT_METRICS = ("sample",)
+CANONICAL_METRICS = NUMERIC_METRICS + TEXT_METRICS
+SEVERITIES = ("warning", "critical")
+_SEVERITY_RANK = {"warning": 0, "critical": 1}
+
+# signature name -> default severity (a level ladder lists several)
+SIGNATURES: dict[str, tuple[str, ...]] = {
+    "non_finite": ("critical",),
+    "nan_batches": ("warning", "critical"),
+    "loss_spike": ("warning",),
+    "loss_jump": ("warning",),
+    "grad_norm_spike": ("warning",),
+    "divergence": ("critical",),
+    "plateau": ("warning",),
+    "overfit_gap": ("warning",),
+    "lora_norm": ("warning", "critical"),
+    "lora_norm_kill": ("critical",),
+    "entropy_spike": ("critical",),
+    "attention_collapse": ("critical",),
+    "accuracy_drop": ("warning",),
+    "background_collapse": ("warning", "critical"),
+    "mode_collapse": ("critical",),
+    "repetition": ("warning",),
+    "seq_repetition": ("warning",),
+    "z_e_step_change": ("warning",),
+    "encoder_grad_share": ("warning",),
+    "encoder_starving": ("warning",),
+    "worse_than_chance": ("critical",),
+}
+
+
+# --------------------------------------------------------------------------- findings
+@dataclass(frozen=True)
+class Finding:
+    """One collapse signature, first detectable at ``step``.
+
+    ``value`` is what was observed (in the metric's units, or the statistic the
+    message names), ``threshold`` the bound it crossed (``None`` where there is
+    no numeric bound, e.g. a NaN).
+    """
+
+    signature: str
+    metric: str
+    severity: str
+    step: int | float
+    value: float | None
+    threshold: float | None
+    message: str
+
+    def as_json(self) -> dict[str, Any]:
+        """The DESIGN.md finding object; non-finite numbers become "nan"/"inf"/"-inf"."""
+        return {"signature": self.signature, "metric": self.metric, "severity": self.severity,
+                "step": self.step, "value": _json_number(self.value),
+                "threshold": _json_number(self.threshold), "message": self.message}
+
+    def sort_key(self) -> tuple:
+        return (self.step, -_SEVERITY_RANK[self.severity], self.signature, self.metric)
+
+
+def _json_number(x: float | None) -> float | str | None:
+    if x is None or math.isfinite(x):
+        return x
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+def verdict_of(findings: Iterable[Finding]) -> str:
+    """``"collapse"`` if any finding is critical, ``"warning"`` if any, else ``"healthy"``."""
+    sev = {f.severity for f in findings}
+    return "collapse" if "critical" in sev else ("warning" if sev else "healthy")
+
+
+def _step_out(step: float) -> int | float:
+    step = float(step)
+    return int(step) if step.is_integer() else step
+
+
+def _g(x: float) -> str:
+    return f"{x:.6g}"
+
+
+# --------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class SignatureConfig:
+    """Thresholds of every detector.  Defaults cite their source (docs/signatures.md).
+
+    Override any field (``SignatureConfig(entropy_max=3.0)``), change a
+    signature's severity with ``severity={"plateau": "critical"}`` (applies to
+    every level of that signature) or switch it off with ``disabled={"plateau"}``.
+    """
+
+    # non-finite: any NaN/Inf in a numeric metric (SageMaker ExplodingTensor, Lightning check_finite)
+    # NaN batches per epoch: healthy 0-10, > 50 abort (seed 000 §4)
+    nan_batches_warn: float = 10.0
+    nan_batches_critical: float = 50.0
+    # loss spike, OLMo 2 §3.2: x - rolling mean >= k sigma over the previous `spike_window` points
+    spike_k: float = 7.0
+    spike_window: int = 1000
+    spike_min_periods: int = 20  # ours: fewer points give no usable sigma; the ratio rule covers them
+    spike_sigma_floor: float = 1e-3  # ours: sigma >= 0.1% of |mean| (a flat series has sigma ~ 0)
+    # loss jump (ratio rule for short logs): x > r * previous value (SPEC; r is ours)
+    jump_ratio: float = 2.0
+    # grad-norm spike, ZClip: EMA z-score, alpha 0.97, z > 2.5, 25 warm-up steps
+    zclip_z: float = 2.5
+    zclip_alpha: float = 0.97
+    zclip_warmup: int = 25
+    zclip_sigma_floor: float = 0.1  # ours: an alarm (not a clip) needs >= 25% above the EMA mean
+    # divergence: one-sided CUSUM of the relative excess of the smoothed loss over its best
+    divergence_drift: float = 0.1  # k: half of a 20% rise (SPEC: "drift ~ half the expected change")
+    divergence_h: float = 0.25     # decision interval (ours, see docs)
+    smooth_window: int = 20        # smoothing over the last 20 points once there are 20 (ours)
+    # plateau: no improvement > min_delta within `patience` checks (seed 002: 3, 0.01)
+    plateau_patience: int = 3
+    plateau_min_delta: float = 0.01
+    # overfit gap (val - train)/train > 0.1 (SageMaker Overfit)
+    overfit_ratio: float = 0.1
+    # LoRA norm ladder (seed 000: warn 1.0 / critical 1.5 / kill 2.0)
+    lora_norm_warn: float = 1.0
+    lora_norm_critical: float = 1.5
+    lora_norm_kill: float = 2.0
+    # prediction entropy > 2.0 collapse (seed 000 §4; healthy < 0.5)
+    entropy_max: float = 2.0
+    # attention sharpness < 0.1 collapse (seed 000 §4; healthy > 0.5)
+    attention_min: float = 0.1
+    # accuracy drop > 5% (relative) from its best (seed 000 §4), on the smoothed series
+    accuracy_drop: float = 0.05
+    # background collapse >= 0.99 all-BG or <= 0.01 all-FG while targets lie between (seed 001)
+    bg_high: float = 0.99
+    bg_low: float = 0.01
+    # LM samples (seed 002; Welleck et al. 2019 seq-rep-n; Li et al. 2016 distinct-n)
+    mode_collapse_distinct: float = 0.1   # distinct-1 <= 0.1 ...
+    mode_collapse_min_units: int = 8      # ... over at least 8 tokens/characters (ours)
+    repetition_run: int = 3               # a token repeated 3+ times in a row ("If If If")
+    seq_rep_n: int = 4
+    seq_rep_max: float = 0.44             # greedy decoding's seq-rep-4 (Welleck et al.)
+    # seed 004: z_e step change > 0.5 bad, > 20% bad; encoder share > 0.7, < 0.2 starving
+    z_e_step_change_max: float = 0.5
+    z_e_step_change_pct_max: float = 0.2
+    encoder_share_high: float = 0.7
+    encoder_share_low: float = 0.2
+    # worse than chance: LM loss > ln(vocab_size); off unless vocab_size is given
+    vocab_size: int | None = None
+    severity: Mapping[str, str] = field(default_factory=dict)
+    disabled: frozenset = frozenset()
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("severity", "disabled", "vocab_size"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise InvalidArgumentError(f"{f.name}={v!r}: must be a finite number")
+            if f.name in ("spike_window", "spike_min_periods", "zclip_warmup", "smooth_window",
+                          "plateau_patience", "mode_collapse_min_units", "repetition_run",
+                          "seq_rep_n"):
+                require(isinstance(v, int) and v >= 1, f.name, v, "must be an integer >= 1")
+            elif f.name in ("zclip_alpha",):
+                require(0.0 < v < 1.0, f.name, v, "must lie in (0, 1)")
+            elif f.name in ("plateau_min_delta", "divergence_drift"):
+                require(v >= 0.0, f.name, v, "must be >= 0")
+            elif f.name in ("bg_low", "bg_high", "accuracy_drop", "encoder_share_low",
+                            "encoder_share_high", "mode_collapse_distinct", "seq_rep_max"):
+                require(0.0 <= v <= 1.0, f.name, v, "must lie in [0, 1]")
+            else:
+                require(v > 0.0, f.name, v, "must be > 0")
+        require(self.bg_low < self.bg_high, "bg_low", self.bg_low, f"must be < bg_high={self.bg_high}")
+        require(self.lora_norm_warn <= self.lora_norm_critical <= self.lora_norm_kill,
+                "lora_norm_warn", (self.lora_norm_warn, self.lora_norm_critical, self.lora_norm_kill),
+                "must satisfy warn <= critical <= kill")
+        require(self.nan_batches_warn <= self.nan_batches_critical, "nan_batches_warn",
+                self.nan_batches_warn, f"must be <= nan_batches_critical={self.nan_batches_critical}")
+        require(self.spike_min_periods <= self.spike_window, "spike_min_periods",
+                self.spike_min_periods, f"must be <= spike_window={self.spike_window}")
+        if self.vocab_size is not None:
+            require(isinstance(self.vocab_size, int) and not isinstance(self.vocab_size, bool)
+                    and self.vocab_size >= 2, "vocab_size", self.vocab_size, "must be an integer >= 2")
+        require(isinstance(self.severity, Mapping), "severity", self.severity, "must be a mapping")
+        for name, sev in self.severity.items():
+            require(name in SIGNATURES, "severity", name,
+                    f"unknown signature; known: {', '.join(sorted(SIGNATURES))}")
+            require(sev in SEVERITIES, f"severity[{name!r}]", sev, "must be 'warning' or 'critical'")
+        object.__setattr__(self, "disabled", frozenset(self.disabled))
+        for name in self.disabled:
+            require(name in SIGNATURES, "disabled", name,
+                    f"unknown signature; known: {', '.join(sorted(SIGNATURES))}")
+
+    def sev(self, signature: str, default: str) -> str:
+        return self.severity.get(signature, default)
+
+
+# --------------------------------------------------------------------------- series views
+@dataclass
+class _View:
+    """One metric's finite observations, in record order (vectorised driver input)."""
+
+    x: np.ndarray      # (n,) float64 finite values, or an object array of strings
+    step: np.ndarray   # (n,) float64
+    pos: np.ndarray    # (n,) int64 record ordinal (alignment between metrics)
+
+
+class _Context:
+    """Other metrics' finite series, for detectors that read two metrics."""
+
+    def __init__(self, views: Mapping[str, _View]):
+        self.views = views
+
+    def last_before(self, metric: str, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Last finite value of ``metric`` at a record <= each ``pos``; (values, has_value)."""
+        v = self.views.get(metric)
+        if v is None or len(v.x) == 0:
+            return np.zeros(len(pos)), np.zeros(len(pos), dtype=bool)
+        j = np.searchsorted(v.pos, pos, side="right") - 1
+        ok = j >= 0
+        return v.x[np.maximum(j, 0)], ok
+
+
+def _first(mask: np.ndarray) -> int:
+    """Index of the first True, or -1."""
+    if mask.size == 0:
+        return -1
+    i = int(np.argmax(mask))
+    return i if mask[i] else -1
+
+
+# --------------------------------------------------------------------------- detectors
+class Detector:
+    """Base: ``signature``, the ``metric`` it reads, ``scan`` and ``stream`` drivers."""
+
+    signature = ""
+
+    def __init__(self, metric: str, cfg: SignatureConfig):
+        self.metric = metric
+        self.cfg = cfg
+
+    def finding(self, severity: str, step: float, value: float | None,
+                threshold: float | None, message: str) -> Finding:
+        return Finding(self.signature, self.metric, self.cfg.sev(self.signature, severity),
+                       _step_out(step), None if value is None else float(value),
+                       None if threshold is None else float(threshold), message)
+
+    def scan(self, view: _View, ctx: _Context) -> list[Finding]:  # pragma: no cover
+        raise NotImplementedError
+
+    def stream(self) -> "_State":  # pragma: no cover
+        raise NotImplementedError
+
+
+class _State:
+    """Streaming state: ``push(step, x, last)`` -> list of findings or None; ``done``."""
+
+    __slots__ = ("done",)
+
+
+class Threshold(Detector):
+    """``x > bound`` (or ``x < bound``) at a ladder of levels: first crossing of each level."""
+
+    def __init__(self, signature: str, metric: str, cfg: SignatureConfig,
+                 levels: Sequence[tuple[float, str, str]], above: bool = True):
+        super().__init__(metric, cfg)
+        self.signature = signature
+        self.levels = tuple(levels)  # (bound, severity, what)
+        self.above = above
+
+    def _msg(self, x: float, bound: float, what: str) -> str:
+        op = ">" if self.above else "<"
+        return f"{self.metric}={_g(x)} {op} {_g(bound)} ({what})"
+
+    def scan(self, view, ctx):
+        out = []
+        for bound, sev, what in self.levels:
+            i = _first(view.x > bound if self.above else view.x < bound)
+            if i >= 0:
+                out.append(self.finding(sev, view.step[i], view.x[i], bound,
+                                        self._msg(view.x[i], bound, what)))
+        return out
+
+    def stream(self):
+        return _ThresholdState(self)
+
+
+class _ThresholdState(_State):
+    __slots__ = ("det", "pending", "above")
+
+    def __init__(self, det: Threshold):
+        self.det = det
+        self.pending = list(det.levels)
+        self.above = det.above
+        self.done = False
+
+    def push(self, step, x, last):
+        out = None
+        for lvl in self.pending:
+            bound = lvl[0]
+            if (x > bound) if self.above else (x < bound):
+                if out is None:
+                    out = []
+                out.append(self.det.finding(lvl[1], step, x, bound, self.det._msg(x, bound, lvl[2])))
+        if out:
+            fired = {f.threshold for f in out}
+            self.pending = [lvl for lvl in self.pending if lvl[0] not in fired]
+            self.done = not self.pending
+        return out
+
+
+class NonFinite(Detector):
+    """Any NaN/Inf (or null) observation of a numeric metric.  Reads raw values."""
+
+    signature = "non_finite"
+
+    def _f(self, step, x):
+        return self.finding("critical", step, x, None,
+                            f"{self.metric}={x} is not finite (NaN/Inf/null logged)")
+
+    def scan_raw(self, values: np.ndarray, steps: np.ndarray) -> list[Finding]:
+        i = _first(~np.isfinite(values))
+        return [self._f(steps[i], float(values[i]))] if i >= 0 else []
+
+
+class LossSpike(Detector):
+    """OLMo 2 rule: ``x_i - mean >= k * sigma`` of the previous ``w`` finite points.
+
+    Needs ``spike_min_periods`` previous points; sigma is floored at
+    ``spike_sigma_floor * |mean|``.  Sums run over ``x - x_0`` (cumulative sums,
+    differences of two of them give a window's sums).
+    """
+
+    signature = "loss_spike"
+
+    def _f(self, step, x, thr, mu, sd):
+        k = self.cfg.spike_k
+        return self.finding("warning", step, x, thr,
+                            f"{self.metric}={_g(x)} >= mean {_g(mu)} + {_g(k)} sigma "
+                            f"({_g(sd)}) = {_g(thr)} of the previous "
+                            f"{self.cfg.spike_window} points (OLMo 2 spike rule)")
+
+    def scan(self, view, ctx):
+        x = view.x
+        n = len(x)
+        cfg = self.cfg
+        if n <= cfg.spike_min_periods:
+            return []
+        v = x - x[0]
+        C = np.concatenate(([0.0], np.cumsum(v)))
+        Q = np.concatenate(([0.0], np.cumsum(v * v)))
+        i = np.arange(n)
+        lo = np.maximum(i - cfg.spike_window, 0)
+        m = (i - lo).astype(np.float64)
+        m[0] = 1.0
+        mean = (C[i] - C[lo]) / m
+        var = (Q[i] - Q[lo]) / m - mean * mean
+        sd = np.sqrt(np.maximum(var, 0.0))
+        mu = mean + x[0]
+        sd_eff = np.maximum(sd, cfg.spike_sigma_floor * np.abs(mu))
+        thr = mu + cfg.spike_k * sd_eff
+        j = _first((i >= cfg.spike_min_periods) & (x >= thr))
+        return [self._f(view.step[j], x[j], thr[j], mu[j], sd_eff[j])] if j >= 0 else []
+
+    def stream(self):
+        return _LossSpikeState(self)
+
+
+class _LossSpikeState(_State):
+    __slots__ = ("det", "i", "x0", "C", "Q", "hc", "hq", "w", "k", "floor", "minp")
+
+    def __init__(self, det: LossSpike):
+        cfg = det.cfg
+        self.det = det
+        self.i = 0
+        self.x0 = 0.0
+        self.C = 0.0
+        self.Q = 0.0
+        self.w = cfg.spike_window
+        self.hc = [0.0] * (self.w + 1)  # C at the last w+1 indices (ring buffer)
+        self.hq = [0.0] * (self.w + 1)
+        self.k = cfg.spike_k
+        self.floor = cfg.spike_sigma_floor
+        self.minp = cfg.spike_min_periods
+        self.done = False
+
+    def push(self, step, x, last):
+        i = self.i
+        if i == 0:
+            self.x0 = x
+        out = None
+        if i >= self.minp:
+            lo = i - self.w if i > self.w else 0
+            r = lo % (self.w + 1)
+            mean = (self.C - self.hc[r]) / float(i - lo)
+            var = (self.Q - self.hq[r]) / float(i - lo) - mean * mean
+            sd = math.sqrt(var if var > 0.0 else 0.0)
+            mu = mean + self.x0
+            fl = self.floor * abs(mu)
+            sd_eff = sd if sd >= fl else fl
+            thr = mu + self.k * sd_eff
+            if x >= thr:
+                out = [self.det._f(step, x, thr, mu, sd_eff)]
+                self.done = True
+        v = x - self.x0
+        self.C = self.C + v
+        self.Q = self.Q + v * v
+        self.i = i = i + 1
+        r = i % (self.w + 1)
+        self.hc[r] = self.C
+        self.hq[r] = self.Q
+        return out
+
+
+class LossJump(Detector):
+    """Ratio rule for short logs: ``x_i > r * x_{i-1}`` (previous finite point, > 0)."""
+
+    signature = "loss_jump"
+
+    def _f(self, step, x, prev):
+        r = self.cfg.jump_ratio
+        return self.finding("warning", step, x, r * prev,
+                            f"{self.metric} jumped from {_g(prev)} to {_g(x)}, more than "
+                            f"{_g(r)}x the previous point")
+
+    def scan(self, view, ctx):
+        x = view.x
+        if len(x) < 2:
+            return []
+        prev = x[:-1]
+        j = _first((prev > 0.0) & (x[1:] > self.cfg.jump_ratio * prev))
+        return [self._f(view.step[j + 1], x[j + 1], prev[j])] if j >= 0 else []
+
+    def stream(self):
+        return _LossJumpState(self)
+
+
+class _LossJumpState(_State):
+    __slots__ = ("det", "prev", "r")
+
+    def __init__(self, det):
+        self.det = det
+        self.prev = None
+        self.r = det.cfg.jump_ratio
+        self.done = False
+
+    def push(self, step, x, last):
+        prev = self.prev
+        self.prev = x
+        if prev is not None and prev > 0.0 and x > self.r * prev:
+            self.done = True
+            return [self.det._f(step, x, prev)]
+        return None
+
+
+class GradNormSpike(Detector):
+    """ZClip z-score: ``z = (g_i - mu_{i-1}) / sigma_{i-1} > z_thr`` after the warm-up.
+
+    ``mu_i = a mu_{i-1} + (1-a) g_i``, ``var_i = a var_{i-1} + (1-a)(g_i - mu_i)^2``,
+    ``mu_0 = g_0``, ``var_0 = 0``; sigma floored at ``zclip_sigma_floor * mu``.
+    """
+
+    signature = "grad_norm_spike"
+
+    def _f(self, step, g, thr, mu, sd):
+        return self.finding("warning", step, g, thr,
+                            f"{self.metric}={_g(g)} > EMA mean {_g(mu)} + {_g(self.cfg.zclip_z)} "
+                            f"sigma ({_g(sd)}) = {_g(thr)} (ZClip z-score, "
+                            f"alpha={_g(self.cfg.zclip_alpha)})")
+
+    def scan(self, view, ctx):
+        cfg = self.cfg
+        x = view.x
+        n = len(x)
+        if n <= cfg.zclip_warmup:
+            return []
+        a = cfg.zclip_alpha
+        b = 1.0 - a
+        xs = x.tolist()
+        mu = np.array(list(itertools.accumulate(xs, lambda m, g: a * m + b * g)))
+        d = x - mu
+        t = (b * (d * d)).tolist()
+        var = np.array(list(itertools.accumulate(t[1:], lambda v, u: a * v + u, initial=0.0)))
+        mp, vp = mu[:-1], var[:-1]  # statistics before observation i (i >= 1)
+        sd_eff = np.maximum(np.sqrt(vp), cfg.zclip_sigma_floor * np.abs(mp))
+        thr = mp + cfg.zclip_z * sd_eff
+        i = np.arange(1, n)
+        j = _first((i >= cfg.zclip_warmup) & (x[1:] > thr))
+        return [self._f(view.step[j + 1], x[j + 1], thr[j], mp[j], sd_eff[j])] if j >= 0 else []
+
+    def stream(self):
+        return _GradNormSpikeState(self)
+
+
+class _GradNormSpikeState(_State):
+    __slots__ = ("det", "i", "mu", "var", "a", "b", "z", "floor", "warm")
+
+    def __init__(self, det):
+        cfg = det.cfg
+        self.det = det
+        self.i = 0
+        self.mu = 0.0
+        self.var = 0.0
+        self.a = cfg.zclip_alpha
+        self.b = 1.0 - cfg.zclip_alpha
+        self.z = cfg.zclip_z
+        self.floor = cfg.zclip_sigma_floor
+        self.warm = cfg.zclip_warmup
+        self.done = False
+
+    def push(self, step, g, last):
+        i = self.i
+        self.i = i + 1
+        a, b = self.a, self.b
+        if i == 0:
+            self.mu = g
+            return None
+        out = None
+        if i >= self.warm:
+            mu = self.mu
+            sd = math.sqrt(self.var)
+            fl = self.floor * abs(mu)
+            sd_eff = sd if sd >= fl else fl
+            thr = mu + self.z * sd_eff
+            if g > thr:
+                out = [self.det._f(step, g, thr, mu, sd_eff)]
+                self.done = True
+        mu = a * self.mu + b * g
+        d = g - mu
+        self.var = a * self.var + b * (d * d)
+        self.mu = mu
+        return out
+
+
+def _smoothed(x: np.ndarray, w: int) -> np.ndarray:
+    """``x_i`` while fewer than ``w`` points, then the mean of the last ``w`` (cumsum of x - x_0)."""
+    n = len(x)
+    s = x.copy()
+    if n >= w:
+        V = np.concatenate(([0.0], np.cumsum(x - x[0])))
+        c = np.arange(w, n + 1)  # counts >= w
+        s[w - 1:] = x[0] + (V[c] - V[c - w]) / float(w)
+    return s
+
+
+class _SmoothState:
+    """Streaming twin of ``_smoothed``: a ring buffer of the last ``w`` cumulative sums."""
+
+    __slots__ = ("n", "x0", "V", "hist", "w")
+
+    def __init__(self, w: int):
+        self.n = 0
+        self.x0 = 0.0
+        self.V = 0.0
+        self.w = w
+        self.hist = [0.0] * (w + 1)
+
+    def push(self, x: float) -> float:
+        if self.n == 0:
+            self.x0 = x
+        self.V = self.V + (x - self.x0)
+        self.n = n = self.n + 1
+        w = self.w
+        self.hist[n % (w + 1)] = self.V
+        if n < w:
+            return x
+        return self.x0 + (self.V - self.hist[(n - w) % (w + 1)]) / float(w)
+
+
+class Divergence(Detector):
+    """Sustained rise (one-sided CUSUM, Lindley form).
+
+    ``s_i`` = the point itself while fewer than ``smooth_window`` points, then the
+    mean of the last ``smooth_window``; ``ref_i = min s``; ``e_i = (s_i - ref_i)/|ref_i|``;
+    ``S_i = max(0, S_{i-1} + e_i - k)`` computed as ``D_i - min(0, min D)`` with
+    ``D = cumsum(e - k)``; flag ``S_i > h``.
+    """
+
+    signature = "divergence"
+
+    def _f(self, step, s, ref, S):
+        c = self.cfg
+        return self.finding("critical", step, s, ref * (1.0 + c.divergence_drift),
+                            f"{self.metric} rose after improving: smoothed value {_g(s)} vs best "
+                            f"{_g(ref)}; CUSUM of the relative excess over drift "
+                            f"k={_g(c.divergence_drift)} reached {_g(S)} > h={_g(c.divergence_h)}")
+
+    def scan(self, view, ctx):
+        c = self.cfg
+        x = view.x
+        if len(x) < 2:
+            return []
+        s = _smoothed(x, c.smooth_window)
+        ref = np.minimum.accumulate(s)
+        e = (s - ref) / np.maximum(np.abs(ref), 1e-12)
+        D = np.cumsum(e - c.divergence_drift)
+        S = D - np.minimum(np.minimum.accumulate(D), 0.0)
+        j = _first(S > c.divergence_h)
+        return [self._f(view.step[j], s[j], ref[j], S[j])] if j >= 0 else []
+
+    def stream(self):
+        return _DivergenceState(self)
+
+
+class _DivergenceState(_State):
+    __slots__ = ("det", "sm", "ref", "D", "Dmin", "k", "h")
+
+    def __init__(self, det):
+        self.det = det
+        self.sm = _SmoothState(det.cfg.smooth_window)
+        self.ref = math.inf
+        self.D = 0.0
+        self.Dmin = math.inf
+        self.k = det.cfg.divergence_drift
+        self.h = det.cfg.divergence_h
+        self.done = False
+
+    def push(self, step, x, last):
+        s = self.sm.push(x)
+        ref = self.ref = s if s < self.ref else self.ref
+        a = abs(ref)
+        e = (s - ref) / (a if a > 1e-12 else 1e-12)
+        self.D = D = self.D + (e - self.k)
+        if D < self.Dmin:
+            self.Dmin = D
+        S = D - (self.Dmin if self.Dmin < 0.0 else 0.0)
+        if S > self.h:
+            self.done = True
+            return [self.det._f(step, s, ref, S)]
+        return None
+
+
+class AccuracyDrop(Detector):
+    """Smoothed accuracy (as in ``Divergence``) falls > ``accuracy_drop`` (relative) below its best."""
+
+    signature = "accuracy_drop"
+
+    def _f(self, step, s, best):
+        d = self.cfg.accuracy_drop
+        return self.finding("warning", step, s, best * (1.0 - d),
+                            f"{self.metric} (smoothed) {_g(s)} is more than {_g(100 * d)}% below "
+                            f"its best {_g(best)}")
+
+    def scan(self, view, ctx):
+        c = self.cfg
+        if len(view.x) < 2:
+            return []
+        s = _smoothed(view.x, c.smooth_window)
+        best = np.maximum.accumulate(s)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            drop = (best - s) / best
+        j = _first((best > 0.0) & (drop > c.accuracy_drop))
+        return [self._f(view.step[j], s[j], best[j])] if j >= 0 else []
+
+    def stream(self):
+        return _AccuracyDropState(self)
+
+
+class _AccuracyDropState(_State):
+    __slots__ = ("det", "sm", "best", "d")
+
+    def __init__(self, det):
+        self.det = det
+        self.sm = _SmoothState(det.cfg.smooth_window)
+        self.best = -math.inf
+        self.d = det.cfg.accuracy_drop
+        self.done = False
+
+    def push(self, step, x, last):
+        s = self.sm.push(x)
+        if s > self.best:
+            self.best = s
+        best = self.best
+        if best > 0.0 and (best - s) / best > self.d:
+            self.done = True
+            return [self.det._f(step, s, best)]
+        return None
+
+
+class Plateau(Detector):
+    """No point among the last ``patience`` is below (best before them) - ``min_delta``."""
+
+    signature = "plateau"
+
+    def _f(self, step, recent, prior):
+        c = self.cfg
+        return self.finding("warning", step, recent, prior - c.plateau_min_delta,
+                            f"{self.metric} has not improved by more than {_g(c.plateau_min_delta)} "
+                            f"for {c.plateau_patience} checks: best of them {_g(recent)}, best "
+                            f"before {_g(prior)}")
+
+    def scan(self, view, ctx):
+        p = self.cfg.plateau_patience
+        x = view.x
+        n = len(x)
+        if n <= p:
+            return []
+        prior = np.minimum.accumulate(x)[: n - p]                  # best of x[0 .. i-p]
+        recent = np.lib.stride_tricks.sliding_window_view(x, p).min(axis=1)[1:]  # min x[i-p+1 .. i]
+        j = _first(recent > prior - self.cfg.plateau_min_delta)
+        return [self._f(view.step[j + p], recent[j], prior[j])] if j >= 0 else []
+
+    def stream(self):
+        return _PlateauState(self)
+
+
+class _PlateauState(_State):
+    __slots__ = ("det", "buf", "prior", "p", "delta")
+
+    def __init__(self, det):
+        self.det = det
+        self.buf: list[float] = []
+        self.prior = math.inf
+        self.p = det.cfg.plateau_patience
+        self.delta = det.cfg.plateau_min_delta
+        self.done = False
+
+    def push(self, step, x, last):
+        buf = self.buf
+        if len(buf) == self.p:
+            old = buf.pop(0)
+            if old < self.prior:
+                self.prior = old
+        buf.append(x)
+        if self.prior < math.inf:
+            recent = min(buf)
+            if recent > self.prior - self.delta:
+                self.done = True
+                return [self.det._f(step, recent, self.prior)]
+        return None
+
+
+class OverfitGap(Detector):
+    """At each ``val_loss`` point: ``(val - train)/train > overfit_ratio``, train = last finite ``loss``."""
+
+    signature = "overfit_gap"
+    other = "loss"
+
+    def _f(self, step, val, train):
+        r = self.cfg.overfit_ratio
+        return self.finding("warning", step, val, train * (1.0 + r),
+                            f"{self.metric}={_g(val)} exceeds train loss {_g(train)} by "
+                            f"{_g(100 * (val - train) / train)}% > {_g(100 * r)}% (SageMaker Overfit)")
+
+    def scan(self, view, ctx):
+        train, ok = ctx.last_before(self.other, view.pos)
+        ok &= train > 0.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gap = (view.x - train) / train
+        j = _first(ok & (gap > self.cfg.overfit_ratio))
+        return [self._f(view.step[j], view.x[j], train[j])] if j >= 0 else []
+
+    def stream(self):
+        return _OverfitState(self)
+
+
+class _OverfitState(_State):
+    __slots__ = ("det", "r")
+
+    def __init__(self, det):
+        self.det = det
+        self.r = det.cfg.overfit_ratio
+        self.done = False
+
+    def push(self, step, x, last):
+        train = last.get("loss")
+        if train is not None and train > 0.0 and (x - train) / train > self.r:
+            self.done = True
+            return [self.det._f(step, x, train)]
+        return None
+
+
+class BackgroundCollapse(Detector):
+    """``bg_fraction >= bg_high`` or ``<= bg_low`` while the last ``target_bg_fraction`` lies
+    strictly between (critical); with no target logged yet, a warning."""
+
+    signature = "background_collapse"
+
+    def _f(self, step, bg, target):
+        c = self.cfg
+        bound = c.bg_high if bg >= c.bg_high else c.bg_low
+        kind = "all-background" if bg >= c.bg_high else "all-foreground"
+        if target is None:
+            return self.finding("warning", step, bg, bound,
+                                f"{self.metric}={_g(bg)}: predictions are {kind} (no "
+                                f"target_bg_fraction logged to compare with)")
+        return self.finding("critical", step, bg, bound,
+                            f"{self.metric}={_g(bg)}: predictions are {kind} while the targets' "
+                            f"background fraction is {_g(target)}")
+
+    def scan(self, view, ctx):
+        c = self.cfg
+        t, has = ctx.last_before("target_bg_fraction", view.pos)
+        bad = (view.x >= c.bg_high) | (view.x <= c.bg_low)
+        between = has & (t > c.bg_low) & (t < c.bg_high)
+        out = []
+        j = _first(bad & between)
+        if j >= 0:
+            out.append(self._f(view.step[j], view.x[j], t[j]))
+        j = _first(bad & ~has)
+        if j >= 0:
+            out.append(self._f(view.step[j], view.x[j], None))
+        return out
+
+    def stream(self):
+        return _BackgroundState(self)
+
+
+class _BackgroundState(_State):
+    __slots__ = ("det", "hi", "lo", "fired")
+
+    def __init__(self, det):
+        self.det = det
+        self.hi = det.cfg.bg_high
+        self.lo = det.cfg.bg_low
+        self.fired: set = set()
+        self.done = False
+
+    def push(self, step, x, last):
+        if not (x >= self.hi or x <= self.lo):
+            return None
+        t = last.get("target_bg_fraction")
+        if t is None:
+            key = "unknown"
+        elif self.lo < t < self.hi:
+            key = "between"
+        else:
+            return None
+        if key in self.fired:
+            return None
+        self.fired.add(key)
+        self.done = len(self.fired) == 2
+        return [self.det._f(step, x, t)]
+
+
+class EncoderShare(Detector):
+    """share = ``grad_norm_encoder`` / last finite ``grad_norm`` (> 0): > high or < low."""
+
+    def __init__(self, signature: str, metric: str, cfg: SignatureConfig, high: bool):
+        super().__init__(metric, cfg)
+        self.signature = signature
+        self.high = high
+        self.bound = cfg.encoder_share_high if high else cfg.encoder_share_low
+
+    def _f(self, step, share):
+        what = ("the encoder dominates the gradient" if self.high
+                else "the encoder is starving")
+        return self.finding("warning", step, share, self.bound,
+                            f"encoder gradient share {_g(share)} {'>' if self.high else '<'} "
+                            f"{_g(self.bound)}: {what} (seed 004)")
+
+    def scan(self, view, ctx):
+        tot, ok = ctx.last_before("grad_norm", view.pos)
+        ok &= tot > 0.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = view.x / tot
+        j = _first(ok & ((share > self.bound) if self.high else (share < self.bound)))
+        return [self._f(view.step[j], share[j])] if j >= 0 else []
+
+    def stream(self):
+        return _EncoderShareState(self)
+
+
+class _EncoderShareState(_State):
+    __slots__ = ("det", "high", "bound")
+
+    def __init__(self, det):
+        self.det = det
+        self.high = det.high
+        self.bound = det.bound
+        self.done = False
+
+    def push(self, step, x, last):
+        tot = last.get("grad_norm")
+        if tot is None or not tot > 0.0:
+            return None
+        share = x / tot
+        if (share > self.bound) if self.high else (share < self.bound):
+            self.done = True
+            return [self.det._f(step, share)]
+        return None
+
+
+# --------------------------------------------------------------------------- LM samples
+@dataclass(frozen=True)
+class SampleStatistics:
+    """Statistics of one generated text (``sample``).
+
+    Units are whitespace tokens; a text that is one whitespace token (``"::::"``)
+    is split into characters.  ``distinct_1`` = unique units / units;
+    ``seq_rep`` = 1 - unique n-grams / n-grams (Welleck et al. 2019);
+    ``longest_run`` = longest run of one unit repeated back to back.
+    """
+
+    units: int
+    distinct_1: float
+    distinct_2: float
+    seq_rep: float
+    longest_run: int
+
+
+def sample_statistics(text: str, *, n: int = 4) -> SampleStatistics:
+    """Compute ``SampleStatistics`` of ``text`` (seq-rep over ``n``-grams)."""
+    require(isinstance(text, str), "text", text, "must be a str")
+    require(isinstance(n, int) and n >= 1, "n", n, "must be an integer >= 1")
+    units: list[str] = text.split()
+    if len(units) == 1 and len(units[0]) > 1:
+        units = list(units[0])
+    m = len(units)
+    if m == 0:
+        return SampleStatistics(0, 1.0, 1.0, 0.0, 0)
+    d1 = len(set(units)) / m
+    bigrams = list(zip(units, units[1:]))
+    d2 = len(set(bigrams)) / len(bigrams) if bigrams else 1.0
+    grams = [tuple(units[i:i + n]) for i in range(m - n + 1)]
+    rep = 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+    run = best = 1
+    for a, b in zip(units, units[1:]):
+        run = run + 1 if a == b else 1
+        best = max(best, run)
+    return SampleStatistics(m, d1, d2, rep, best)
+
+
+class SampleDetector(Detector):
+    """Mode collapse (distinct-1 <= 0.1 over >= 8 units), repetition (a run >= 3),
+    seq-rep-n >= 0.44; each reported at the first sample that shows it."""
+
+    def __init__(self, metric: str, cfg: SignatureConfig):
+        super().__init__(metric, cfg)
+
+    def _check(self, step, text) -> list[Finding]:
+        c = self.cfg
+        st_ = sample_statistics(text, n=c.seq_rep_n)
+        out = []
+        short = text if len(text) <= 40 else text[:37] + "..."
+        if st_.units >= c.mode_collapse_min_units and st_.distinct_1 <= c.mode_collapse_distinct:
+            out.append(self._named("mode_collapse", "critical", step, st_.distinct_1,
+                                   c.mode_collapse_distinct,
+                                   f"sample {short!r} is mode-collapsed: distinct-1 "
+                                   f"{_g(st_.distinct_1)} <= {_g(c.mode_collapse_distinct)} over "
+                                   f"{st_.units} units"))
+        if st_.longest_run >= c.repetition_run:
+            out.append(self._named("repetition", "warning", step, float(st_.longest_run),
+                                   float(c.repetition_run),
+                                   f"sample {short!r} repeats one token {st_.longest_run} times "
+                                   f"in a row (>= {c.repetition_run})"))
+        if st_.seq_rep >= c.seq_rep_max and st_.units > c.seq_rep_n:
+            out.append(self._named("seq_repetition", "warning", step, st_.seq_rep, c.seq_rep_max,
+                                   f"sample {short!r} has seq-rep-{c.seq_rep_n} "
+                                   f"{_g(st_.seq_rep)} >= {_g(c.seq_rep_max)}"))
+        return [f for f in out if f.signature not in c.disabled]
+
+    def _named(self, sig, sev, step, value, thr, msg):
+        return Finding(sig, self.metric, self.cfg.sev(sig, sev), _step_out(step), float(value),
+                       float(thr), msg)
+
+    def scan(self, view, ctx):
+        seen: dict[tuple, Finding] = {}
+        for step, text in zip(view.step, view.x):
+            for f in self._check(step, text):
+                seen.setdefault((f.signature, f.severity), f)
+            if len(seen) == 3:
+                break
+        return list(seen.values())
+
+    def stream(self):
+        return _SampleState(self)
+
+
+class _SampleState(_State):
+    __slots__ = ("det",)
+
+    def __init__(self, det):
+        self.det = det
+        self.done = False
+
+    def push(self, step, x, last):
+        return self.det._check(step, x) or None
+
+
+# --------------------------------------------------------------------------- registry
+def build_detectors(cfg: SignatureConfig | None = None) -> dict[str, list[Detector]]:
+    """The detectors of every canonical metric under ``cfg`` (disabled ones left out).
+
+    ``non_finite`` is handled by the drivers (it reads raw values) and is not listed.
+    """
+    c = cfg or SignatureConfig()
+    d: dict[str, list[Detector]] = {m: [] for m in CANONICAL_METRICS}
+    for m in ("loss", "val_loss"):
+        d[m] += [LossSpike(m, c), LossJump(m, c), Divergence(m, c)]
+        if c.vocab_size is not None:
+            b = math.log(c.vocab_size)
+            d[m].append(Threshold("worse_than_chance", m, c,
+                                  [(b, "critical", f"ln(vocab_size={c.vocab_size}): worse than "
+                                                   "uniform guessing")]))
+    d["val_loss"] += [Plateau("val_loss", c), OverfitGap("val_loss", c)]
+    d["grad_norm"].append(GradNormSpike("grad_norm", c))
+    d["nan_batches"].append(Threshold("nan_batches", "nan_batches", c, [
+        (c.nan_batches_warn, "warning", "healthy is 0-10 per epoch, seed 000"),
+        (c.nan_batches_critical, "critical", "abort above 50 per epoch, seed 000")]))
+    d["lora_norm"].append(Threshold("lora_norm", "lora_norm", c, [
+        (c.lora_norm_warn, "warning", "warn threshold, seed 000"),
+        (c.lora_norm_critical, "critical", "critical threshold, seed 000")]))
+    d["lora_norm"].append(Threshold("lora_norm_kill", "lora_norm", c, [
+        (c.lora_norm_kill, "critical", "kill threshold: stop training, seed 000")]))
+    d["entropy"].append(Threshold("entropy_spike", "entropy", c, [
+        (c.entropy_max, "critical", "collapse; healthy < 0.5, seed 000")]))
+    d["attention_sharpness"].append(Threshold("attention_collapse", "attention_sharpness", c, [
+        (c.attention_min, "critical", "collapse; healthy > 0.5, seed 000")], above=False))
+    for m in ("accuracy", "val_accuracy"):
+        d[m].append(AccuracyDrop(m, c))
+    d["bg_fraction"].append(BackgroundCollapse("bg_fraction", c))
+    d["sample"].append(SampleDetector("sample", c))
+    d["z_e_step_change"].append(Threshold("z_e_step_change", "z_e_step_change", c, [
+        (c.z_e_step_change_max, "warning", "bad: the decoder cannot adapt, seed 004")]))
+    d["z_e_step_change_pct"].append(Threshold("z_e_step_change", "z_e_step_change_pct", c, [
+        (c.z_e_step_change_pct_max, "warning", "bad: > 20% per step, seed 004")]))
+    d["grad_norm_encoder"] += [EncoderShare("encoder_grad_share", "grad_norm_encoder", c, True),
+                               EncoderShare("encoder_starving", "grad_norm_encoder", c, False)]
+    for m in d:
+        d[m] = [det for det in d[m]
+                if isinstance(det, SampleDetector) or det.signature not in c.disabled]
+    return d
+
+
+def _dedupe(findings: Iterable[Finding]) -> list[Finding]:
+    first: dict[tuple, Finding] = {}
+    for f in sorted(findings, key=Finding.sort_key):
+        first.setdefault((f.signature, f.metric, f.severity), f)
+    return sorted(first.values(), key=Finding.sort_key)
+
+
+# --------------------------------------------------------------------------- drivers
+def _check_metric(name: str) -> None:
+    if name not in CANONICAL_METRICS:
+        raise InvalidArgumentError(
+            f"metric={name!r}: unknown metric; canonical names are {', '.join(CANONICAL_METRICS)} "
+            "(map other names to these)")
+
+
+class StreamingScanner:
+    """Streaming driver: ``update(step, metrics)`` -> new findings.  Constant memory per metric.
+
+    Steps must be non-decreasing.  ``metrics`` maps canonical names to numbers
+    (NaN/Inf/None allowed: reported by ``non_finite``) or, for ``sample``, text.
+    """
+
+    def __init__(self, config: SignatureConfig | None = None):
+        self.config = config or SignatureConfig()
+        self._dets = build_detectors(self.config)
+        self._states: dict[str, list] = {}
+        self._last: dict[str, float] = {}
+        self._nonfinite_done: set[str] = set()
+        self._check_nonfinite = "non_finite" not in self.config.disabled
+        self._seen: set[tuple] = set()
+        self._step = -math.inf
+        self.findings: list[Finding] = []
+
+    def _states_for(self, metric: str) -> list:
+        _check_metric(metric)
+        states = self._states[metric] = [d.stream() for d in self._dets[metric]]
+        return states
+
+    def update(self, step: float, metrics: Mapping[str, Any]) -> list[Finding]:
+        if step.__class__ is not int and step.__class__ is not float:
+            require(isinstance(step, (int, float)) and not isinstance(step, bool), "step", step,
+                    "must be a number")
+            step = float(step)
+        require(step >= self._step, "step", step,
+                f"must be non-decreasing (previous step was {self._step}); finite")
+        require(step < math.inf, "step", step, "must be finite")
+        self._step = step
+        last = self._last
+        vals = []
+        out: list[Finding] = []
+        for name, raw in metrics.items():
+            if name == "sample":
+                if raw is None:
+                    continue
+                require(isinstance(raw, str), "metrics['sample']", raw, "must be a str")
+                vals.append((name, raw))
+                continue
+            if raw is None:
+                x = math.nan
+            elif raw.__class__ is float:
+                x = raw
+            else:
+                try:
+                    x = float(raw)
+                except (TypeError, ValueError):
+                    _check_metric(name)
+                    raise InvalidArgumentError(
+                        f"metrics[{name!r}]={raw!r}: must be a number (or NaN/Inf/None)") from None
+            if x - x == 0.0:
+                last[name] = x
+                vals.append((name, x))
+            else:
+                if name not in self._states:
+                    self._states_for(name)
+                if self._check_nonfinite and name not in self._nonfinite_done:
+                    self._nonfinite_done.add(name)
+                    self._emit([NonFinite(name, self.config)._f(step, x)], out)
+        new: list[Finding] = []
+        for name, x in vals:
+            states = self._states.get(name)
+            if states is None:
+                states = self._states_for(name)
+            fired = False
+            for st_ in states:
+                r = st_.push(step, x, last)
+                if r:
+                    new += r
+                if st_.done:
+                    fired = True
+            if fired:
+                self._states[name] = [s for s in states if not s.done]
+        if new:
+            return self._emit(new, out)
+        return out
+
+    def _emit(self, found: list[Finding], out: list[Finding]) -> list[Finding]:
+        for f in _dedupe(found):
+            key = (f.signature, f.metric, f.severity)
+            if key not in self._seen:
+                self._seen.add(key)
+                self.findings.append(f)
+                out.append(f)
+        return out
+
+
+class VectorisedScanner:
+    """Vectorised driver: the same detectors over whole series (numpy)."""
+
+    def __init__(self, config: SignatureConfig | None = None):
+        self.config = config or SignatureConfig()
+        self._dets = build_detectors(self.config)
+
+    def scan(self, raw: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[Finding]:
+        """``raw[metric] = (pos, step, values)``: record ordinals (non-decreasing), steps, values
+        (float64 with NaN/Inf, or an object array of str for ``sample``)."""
+        views: dict[str, _View] = {}
+        found: list[Finding] = []
+        for name, (pos, step, values) in raw.items():
+            _check_metric(name)
+            pos = np.asarray(pos, dtype=np.int64)
+            step = np.asarray(step, dtype=np.float64)
+            if name in TEXT_METRICS:
+                views[name] = _View(np.asarray(values, dtype=object), step, pos)
+                continue
+            values = np.asarray(values, dtype=np.float64)
+            fin = np.isfinite(values)
+            if not fin.all():
+                if "non_finite" not in self.config.disabled:
+                    found += NonFinite(name, self.config).scan_raw(values, step)
+                views[name] = _View(values[fin], step[fin], pos[fin])
+            else:
+                views[name] = _View(values, step, pos)
+        ctx = _Context(views)
+        for name, view in views.items():
+            if len(view.x) == 0:
+                continue
+            for det in self._dets[name]:
+                found += det.scan(view, ctx)
+        return _dedupe(found)
+
+
+def scan_series(series: Mapping[str, tuple[Sequence[float], Sequence[Any]]],
+                config: SignatureConfig | None = None) -> list[Finding]:
+    """Vectorised scan of ``{metric: (steps, values)}``; points at one step form one record.
+
+    Each metric's steps must be non-decreasing.  Returns findings sorted by step.
+    """
+    raw = {}
+    all_steps = []
+    for name, (steps, values) in series.items():
+        s = np.asarray(steps, dtype=np.float64)
+        require(s.ndim == 1 and len(s) == len(values), f"series[{name!r}]", (len(s), len(values)),
+                "steps and values must be 1-D and of equal length")
+        require(bool(np.all(np.isfinite(s))), f"series[{name!r}] steps", s, "must be finite")
+        require(bool(np.all(np.diff(s) >= 0)), f"series[{name!r}] steps", s,
+                "must be non-decreasing")
+        all_steps.append(s)
+    uniq = np.unique(np.concatenate(all_steps)) if all_steps else np.zeros(0)
+    for (name, (steps, values)), s in zip(series.items(), all_steps):
+        raw[name] = (np.searchsorted(uniq, s), s, values)
+    return VectorisedScanner(config).scan(raw)
+
+
+def scan_records(records: Iterable[tuple[float, Mapping[str, Any]]],
+                 config: SignatureConfig | None = None) -> list[Finding]:
+    """Vectorised scan of ``(step, {metric: value})`` records in order (steps non-decreasing)."""
+    cols: dict[str, tuple[list, list, list]] = {}
+    prev = -math.inf
+    for i, (step, metrics) in enumerate(records):
+        step = float(step)
+        require(math.isfinite(step) and step >= prev, f"records[{i}].step", step,
+                f"must be finite and non-decreasing (previous {prev})")
+        prev = step
+        for name, v in metrics.items():
+            if name == "sample" and v is None:
+                continue
+            c = cols.get(name)
+            if c is None:
+                _check_metric(name)
+                c = cols[name] = ([], [], [])
+            c[0].append(i)
+            c[1].append(step)
+            c[2].append(v if name == "sample" else (math.nan if v is None else float(v)))
+    return VectorisedScanner(config).scan(cols)
+
+
+# --------------------------------------------------------------------------- strategies
+@st.composite
+def _series(draw, metrics, min_points, max_points, nan_rate):
+    n = draw(st.integers(min_points, max_points))
+    gaps = draw(st.lists(st.sampled_from([1, 1, 1, 2, 10, 37]), min_size=n, max_size=n))
+    steps = np.cumsum(gaps).astype(np.float64)
+    out = {}
+    for m in metrics:
+        kind = draw(st.sampled_from(["decay", "flat", "spike", "rise", "plateau", "constant"]))
+        base = draw(st.sampled_from([1e-3, 0.05, 0.5, 1.0, 3.0, 1e3]))
+        noise = draw(st.sampled_from([0.0, 0.01, 0.03, 0.3]))
+        seed = draw(st.integers(0, 2**16))
+        rng = np.random.default_rng(seed)
+        t = np.arange(n, dtype=np.float64)
+        y = base * (1.0 + np.exp(-t / max(n / 4, 1)))
+        if kind == "flat" or kind == "constant":
+            y = np.full(n, base)
+        elif kind == "rise":
+            y = base * (1.0 + np.maximum(t - n / 2, 0) / max(n / 8, 1))
+        elif kind == "plateau":
+            y = np.where(t < n / 3, base * (2 - t / n), base * (2 - 1 / 3))
+        if kind != "constant":
+            y = y * (1.0 + noise * rng.standard_normal(n))
+        if kind == "spike" and n > 2:
+            k = draw(st.integers(1, n - 1))
+            y[k] *= draw(st.sampled_from([1.5, 3.0, 50.0]))
+        present = rng.random(n) < draw(st.sampled_from([1.0, 0.7, 0.3]))
+        present[0] = present[0] or kind == "constant"
+        nan_mask = rng.random(n) < nan_rate
+        y = np.where(nan_mask, rng.choice([np.nan, np.inf, -np.inf], n), y)
+        if m in ("bg_fraction", "target_bg_fraction", "accuracy", "val_accuracy"):
+            y = np.clip(y / (2 * base), 0.0, 1.0) if draw(st.booleans()) else np.where(
+                np.isfinite(y), draw(st.sampled_from([0.0, 0.005, 0.5, 0.995, 1.0])), y)
+        out[m] = (steps[present], y[present])
+    return out
+
+
+def metric_series(*, metrics: Sequence[str] | st.SearchStrategy = st.sets(
+                      st.sampled_from(NUMERIC_METRICS), min_size=1, max_size=5),
+                  min_points: int = 1, max_points: int = 80,
+                  nan_rate: float = 0.05) -> st.SearchStrategy[dict]:
+    """``{metric: (steps, values)}`` dicts: decays, plateaus, spikes, rises, constants,
+    several magnitudes and noise levels, sparse and uneven steps, NaN/±Inf sprinkled in.
+
+    Args:
+      metrics: names or a strategy of sets of names (canonical numeric metrics).
+      min_points, max_points: bounds on the number of steps (each metric keeps a subset).
+      nan_rate: probability that a point is non-finite.
+    """
+    require(isinstance(min_points, int) and min_points >= 1, "min_points", min_points,
+            "must be an integer >= 1")
+    if max_points < min_points:
+        raise InvalidArgumentError(f"Cannot have max_points={max_points} < min_points={min_points}")
+    require(0.0 <= nan_rate <= 1.0, "nan_rate", nan_rate, "must lie in [0, 1]")
+    if not isinstance(metrics, st.SearchStrategy):
+        metrics = tuple(metrics)
+        for m in metrics:
+            require(m in NUMERIC_METRICS, "metrics", m, "must be canonical numeric metric names")
+        metrics = st.just(metrics)
+    return metrics.flatmap(lambda ms: _series(tuple(sorted(ms)), min_points, max_points, nan_rate))
