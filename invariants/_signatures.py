@@ -594,6 +594,17 @@ def _smoothed(x: np.ndarray, w: int) -> np.ndarray:
     return s
 
 
+def _segments(n: int, w: int) -> list[tuple[int, int]]:
+    """Index ranges of the raw regime (fewer than ``w`` points) and the smoothed regime.
+
+    Reference values (best so far) and CUSUM sums restart where smoothing starts:
+    a lagging window mean must not be compared with a raw minimum.
+    """
+    if n < w:
+        return [(0, n)]
+    return [(0, w - 1), (w - 1, n)]
+
+
 class _SmoothState:
     """Streaming twin of ``_smoothed``: a ring buffer of the last ``w`` cumulative sums."""
 
@@ -622,7 +633,8 @@ class Divergence(Detector):
     """Sustained rise (one-sided CUSUM, Lindley form).
 
     ``s_i`` = the point itself while fewer than ``smooth_window`` points, then the
-    mean of the last ``smooth_window``; ``ref_i = min s``; ``e_i = (s_i - ref_i)/|ref_i|``;
+    mean of the last ``smooth_window`` (reference and sums restart there);
+    ``ref_i = min s``; ``e_i = (s_i - ref_i)/|ref_i|``;
     ``S_i = max(0, S_{i-1} + e_i - k)`` computed as ``D_i - min(0, min D)`` with
     ``D = cumsum(e - k)``; flag ``S_i > h``.
     """
@@ -639,15 +651,17 @@ class Divergence(Detector):
     def scan(self, view, ctx):
         c = self.cfg
         x = view.x
-        if len(x) < 2:
-            return []
         s = _smoothed(x, c.smooth_window)
-        ref = np.minimum.accumulate(s)
-        e = (s - ref) / np.maximum(np.abs(ref), 1e-12)
-        D = np.cumsum(e - c.divergence_drift)
-        S = D - np.minimum(np.minimum.accumulate(D), 0.0)
-        j = _first(S > c.divergence_h)
-        return [self._f(view.step[j], s[j], ref[j], S[j])] if j >= 0 else []
+        for a, b in _segments(len(x), c.smooth_window):
+            seg = s[a:b]
+            ref = np.minimum.accumulate(seg)
+            e = (seg - ref) / np.maximum(np.abs(ref), 1e-12)
+            D = np.cumsum(e - c.divergence_drift)
+            S = D - np.minimum(np.minimum.accumulate(D), 0.0)
+            j = _first(S > c.divergence_h)
+            if j >= 0:
+                return [self._f(view.step[a + j], seg[j], ref[j], S[j])]
+        return []
 
     def stream(self):
         return _DivergenceState(self)
@@ -668,6 +682,10 @@ class _DivergenceState(_State):
 
     def push(self, step, x, last):
         s = self.sm.push(x)
+        if self.sm.n == self.sm.w:  # smoothing starts: a fresh reference and CUSUM
+            self.ref = math.inf
+            self.D = 0.0
+            self.Dmin = math.inf
         ref = self.ref = s if s < self.ref else self.ref
         a = abs(ref)
         e = (s - ref) / (a if a > 1e-12 else 1e-12)
@@ -694,14 +712,16 @@ class AccuracyDrop(Detector):
 
     def scan(self, view, ctx):
         c = self.cfg
-        if len(view.x) < 2:
-            return []
         s = _smoothed(view.x, c.smooth_window)
-        best = np.maximum.accumulate(s)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            drop = (best - s) / best
-        j = _first((best > 0.0) & (drop > c.accuracy_drop))
-        return [self._f(view.step[j], s[j], best[j])] if j >= 0 else []
+        for a, b in _segments(len(s), c.smooth_window):
+            seg = s[a:b]
+            best = np.maximum.accumulate(seg)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                drop = (best - seg) / best
+            j = _first((best > 0.0) & (drop > c.accuracy_drop))
+            if j >= 0:
+                return [self._f(view.step[a + j], seg[j], best[j])]
+        return []
 
     def stream(self):
         return _AccuracyDropState(self)
@@ -719,6 +739,8 @@ class _AccuracyDropState(_State):
 
     def push(self, step, x, last):
         s = self.sm.push(x)
+        if self.sm.n == self.sm.w:  # smoothing starts: a fresh best
+            self.best = -math.inf
         if s > self.best:
             self.best = s
         best = self.best
