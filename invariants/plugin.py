@@ -16,6 +16,7 @@ GROUP = "invariants"
 OPT_GOLDEN_UPDATE = "--golden-update"
 OPT_GOLDEN_DIR = "--golden-dir"
 OPT_DEVICE = "--device"
+OPT_GOLDEN_OUTPUT = "--golden-output"
 
 MARKERS = {
     "golden": "a short deterministic training run compared with its stored golden curve",
@@ -33,6 +34,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(OPT_GOLDEN_DIR, default=None, metavar="DIR",
                     help="directory of golden/<run>/<device-key>.json (default: ./golden "
                          "under the rootdir)")
+    group.addoption(OPT_GOLDEN_OUTPUT, default=None, metavar="DIR",
+                    help="where mismatching runs write <run>.<device>.obtained.json and a PNG "
+                         "plot (default: ./golden-obtained under the rootdir)")
     group.addoption(OPT_DEVICE, default="cpu", choices=("cpu", "cuda"),
                     help="device for golden runs and device-aware fixtures (default: cpu)")
 
@@ -80,3 +84,36 @@ def seeded_rngs():
     torch.manual_seed(0)
     yield 0
     torch.random.set_rng_state(state)
+
+
+class GoldenSession:
+    """What the ``golden`` fixture returns: compare a run with its golden, or rewrite it."""
+
+    def __init__(self, golden_dir, output_dir, device, update: bool):
+        self.golden_dir, self.output_dir = golden_dir, output_dir
+        self.device, self.update = device, update
+
+    def check(self, run):
+        """Return the run's curves after comparing (or, with --golden-update, recording) them.
+
+        With --golden-update only ``golden/<run>/<this device key>.json`` is rewritten;
+        other device keys are never touched.
+        """
+        __tracebackhide__ = True
+        from invariants._golden import _record, assert_matches_golden
+        if self.update:
+            path, curves = _record(run, self.golden_dir, self.device)
+            print(f"golden updated: {path}")
+            return curves
+        return assert_matches_golden(run, self.golden_dir, device=self.device,
+                                     output_dir=self.output_dir)
+
+
+@pytest.fixture
+def golden(request: pytest.FixtureRequest, device) -> GoldenSession:
+    """Compare golden runs with ``golden/<run>/<device-key>.json`` (see --golden-update)."""
+    from pathlib import Path
+    config = request.config
+    golden_dir = Path(config.getoption(OPT_GOLDEN_DIR) or config.rootpath / "golden")
+    output = Path(config.getoption(OPT_GOLDEN_OUTPUT) or config.rootpath / "golden-obtained")
+    return GoldenSession(golden_dir, output, device, config.getoption(OPT_GOLDEN_UPDATE))
