@@ -8,6 +8,7 @@ from invariants import _profiles  # noqa: F401  (registers the ci/dev/thorough p
 from invariants._catalog import *  # noqa: F401,F403
 from invariants._checkpoint import *  # noqa: F401,F403
 from invariants._context import *  # noqa: F401,F403
+from invariants._distributed import *  # noqa: F401,F403
 from invariants._errors import *  # noqa: F401,F403
 from invariants._golden import *  # noqa: F401,F403
 from invariants._guard import *  # noqa: F401,F403
@@ -22,9 +23,9 @@ from invariants._strategies import *  # noqa: F401,F403
 from invariants._tolerances import *  # noqa: F401,F403
 
 from invariants import (  # noqa: E402
-    _catalog, _checkpoint, _context, _errors, _golden, _guard, _hyperlora, _lora, _pipeline, _profiles, _scan, _signatures, _staging, _strategies, _tolerances,
+    _catalog, _checkpoint, _context, _distributed, _errors, _golden, _guard, _hyperlora, _lora, _pipeline, _profiles, _scan, _signatures, _staging, _strategies, _tolerances,
 )
 
-_FAMILIES = (_catalog, _checkpoint, _context, _errors, _golden, _guard, _hyperlora, _lora, _pipeline, _profiles, _scan, _signatures, _staging, _strategies, _tolerances)
+_FAMILIES = (_catalog, _checkpoint, _context, _distributed, _errors, _golden, _guard, _hyperlora, _lora, _pipeline, _profiles, _scan, _signatures, _staging, _strategies, _tolerances)
 __all__ = sorted({name for family in _FAMILIES for name in family.__all__})
 __version__ = "0.1.0"
