@@ -185,7 +185,7 @@ class SignatureConfig:
     attention_min: float = 0.1
     # accuracy drop > 5% (relative) from its best (seed 000 §4), on the smoothed series
     accuracy_drop: float = 0.05
-    noise_k: float = 5.0  # ours: a drop must also exceed 5x the series' relative point noise ...
+    noise_k: float = 6.0  # ours: a drop must also exceed 6x the series' relative point noise ...
     noise_min_pairs: int = 10  # ... estimated from at least 10 point-to-point changes (ours)
     # background collapse >= 0.99 all-BG or <= 0.01 all-FG while targets lie between (seed 001)
     bg_high: float = 0.99
@@ -851,7 +851,7 @@ class Plateau(Detector):
             return []
         prior = np.minimum.accumulate(x)[: n - p]                  # best of x[0 .. i-p]
         recent = np.lib.stride_tricks.sliding_window_view(x, p).min(axis=1)[1:]  # min x[i-p+1 .. i]
-        j = _first(recent > prior - self.cfg.plateau_min_delta)
+        j = _first(recent >= prior - self.cfg.plateau_min_delta)
         return [self._f(view.step[j + p], recent[j], prior[j])] if j >= 0 else []
 
     def stream(self):
@@ -878,7 +878,7 @@ class _PlateauState(_State):
         buf.append(x)
         if self.prior < math.inf:
             recent = min(buf)
-            if recent > self.prior - self.delta:
+            if recent >= self.prior - self.delta:
                 self.done = True
                 return [self.det._f(step, recent, self.prior)]
         return None

@@ -1,0 +1,312 @@
+"""Collapse signatures on the seeds' own numbers, healthy controls, real-world log shapes,
+and the two drivers agreeing (one definition)."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import example, given, strategies as st
+
+from invariants import (Finding, InvalidArgumentError, SignatureConfig, StreamingScanner,
+                        metric_series, sample_statistics, scan_records, scan_series, verdict_of)
+from tests.test_signatures_logs import (EPOCH7, HEALTHY_SAMPLES, MODE_COLLAPSE, TOKEN_SOUP,
+                                        healthy_run, phase1_epoch7_dense, phase1_epoch_log,
+                                        records_of, rlan_timeline)
+
+
+def _by(findings, signature, metric=None, severity=None):
+    return [f for f in findings if f.signature == signature
+            and (metric is None or f.metric == metric)
+            and (severity is None or f.severity == severity)]
+
+
+def _one(findings, signature, metric=None, severity=None) -> Finding:
+    got = _by(findings, signature, metric, severity)
+    assert len(got) == 1, f"expected one {signature}/{metric}/{severity}, got {findings}"
+    return got[0]
+
+
+def _stream(records, config=None):
+    g = StreamingScanner(config)
+    for step, metrics in records:
+        g.update(step, metrics)
+    return sorted(g.findings, key=Finding.sort_key)
+
+
+# --------------------------------------------------------------------------- seed 000
+def test_rlan_timeline_collapse_flagged_in_epochs_41_to_50_with_norm_warnings_before():
+    findings = scan_records(rlan_timeline())
+    assert verdict_of(findings) == "collapse"
+    critical = [f for f in findings if f.severity == "critical"]
+    assert min(f.step for f in critical) == 41, findings
+    assert all(41 <= f.step <= 50 for f in critical), critical
+    # norm warning before the collapse: 1.453 at epochs 31-40 is above warn 1.0
+    warn = _one(findings, "lora_norm", "lora_norm", "warning")
+    assert (warn.step, warn.value, warn.threshold) == (31, 1.453, 1.0)
+    crit = _one(findings, "lora_norm", "lora_norm", "critical")
+    assert (crit.step, crit.value, crit.threshold) == (41, 1.714, 1.5)
+    assert not _by(findings, "lora_norm_kill")  # 1.714 < kill 2.0
+    assert _one(findings, "nan_batches", severity="warning").step == 1    # 15 > 10
+    assert _one(findings, "nan_batches", severity="critical").step == 41  # 60 > 50
+    for sig in ("entropy_spike", "attention_collapse", "divergence"):
+        assert 41 <= _one(findings, sig).step <= 50
+    assert 41 <= _one(findings, "accuracy_drop").step <= 50
+    assert _one(findings, "entropy_spike").value > 2.0
+
+
+def test_rlan_timeline_old_governor_thresholds_see_nothing():
+    """Seed 000 §1.3: warn 2.0 / critical 5.0 / kill 10.0 never fire on a norm of 1.714."""
+    old = SignatureConfig(lora_norm_warn=2.0, lora_norm_critical=5.0, lora_norm_kill=10.0)
+    findings = scan_records(rlan_timeline(), old)
+    assert not _by(findings, "lora_norm") and not _by(findings, "lora_norm_kill")
+
+
+# --------------------------------------------------------------------------- seed 002
+def test_phase1_epoch7_quoted_points_diverge_within_epoch_7():
+    findings = scan_records([(s, {"loss": v}) for s, v in EPOCH7])
+    div = _one(findings, "divergence", "loss", "critical")
+    assert div.step == 29540  # the rise 0.1177 -> 0.1452 -> 0.1464 is sustained by then
+
+
+def test_phase1_epochs_1_to_7_first_divergence_is_in_epoch_7():
+    findings = scan_records(phase1_epoch_log())
+    div = _one(findings, "divergence")
+    assert EPOCH7[0][0] <= div.step <= EPOCH7[-1][0], findings
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_phase1_epoch7_dense_log_diverges_in_second_half(seed):
+    """The same trajectory logged every 10 steps with 2% batch noise."""
+    findings = scan_series(phase1_epoch7_dense(seed))
+    div = _one(findings, "divergence")
+    assert 26940 <= div.step <= 29540, div  # after the improving half (best at 25540)
+    assert verdict_of(findings) == "collapse"
+
+
+def test_phase1_validation_stuck_at_2_5():
+    train_end = [0.6848, 0.3083, 0.3148, 0.2240, 0.1548, 0.1590, 0.1464, 0.14, 0.13, 0.12]
+    records = [(e, {"loss": tl, "val_loss": 2.5}) for e, tl in enumerate(train_end, 1)]
+    findings = scan_records(records)
+    plateau = _one(findings, "plateau", "val_loss")
+    assert plateau.step == 6  # epochs 2-6: five checks, none below 2.5
+    gap = _one(findings, "overfit_gap", "val_loss")
+    assert gap.step == 1 and gap.value == 2.5
+
+
+def test_phase1_samples_mode_collapse_and_token_soup():
+    steps = [1, 2, 3]
+    findings = scan_series({"sample": (steps, [HEALTHY_SAMPLES[3], TOKEN_SOUP[0], MODE_COLLAPSE])})
+    assert _one(findings, "repetition").step == 2  # "If If If", "/ / / /", "was was was"
+    mc = _one(findings, "mode_collapse", "sample", "critical")
+    assert mc.step == 3 and mc.value == pytest.approx(1 / 50)
+    assert verdict_of(findings) == "collapse"
+
+
+@pytest.mark.parametrize("text", TOKEN_SOUP, ids=["if-if-if", "of-of-of"])
+def test_token_soup_is_repetition_not_mode_collapse(text):
+    findings = scan_series({"sample": ([0], [text])})
+    assert [f.signature for f in findings] == ["repetition"]
+
+
+@pytest.mark.parametrize("text", HEALTHY_SAMPLES)
+def test_coherent_samples_are_healthy(text):
+    assert scan_series({"sample": ([0], [text])}) == []
+
+
+@pytest.mark.parametrize("text, units, d1, rep, run", [
+    ("", 0, 1.0, 0.0, 0),
+    ("a", 1, 1.0, 0.0, 1),
+    ("::::", 4, 0.25, 0.0, 4),
+    ("the cat the cat the cat", 6, 1 / 3, 1 - 2 / 3, 1),
+    ("If If If not / / / /", 8, 3 / 8, 0.0, 4),
+], ids=["empty", "one-char", "colons", "loop", "soup"])
+def test_sample_statistics(text, units, d1, rep, run):
+    s = sample_statistics(text)
+    assert (s.units, s.longest_run) == (units, run)
+    assert s.distinct_1 == pytest.approx(d1) and s.seq_rep == pytest.approx(rep)
+
+
+# --------------------------------------------------------------------------- every detector has teeth
+_T = [
+    ("lora-kill", {"lora_norm": [0.5, 2.1]}, {}, "lora_norm_kill", "critical", 1),
+    ("entropy", {"entropy": [0.1, 0.2, 2.5]}, {}, "entropy_spike", "critical", 2),
+    ("attention", {"attention_sharpness": [0.9, 0.05]}, {}, "attention_collapse", "critical", 1),
+    ("bg-all-bg", {"bg_fraction": [0.7, 0.995], "target_bg_fraction": [0.7, 0.7]}, {},
+     "background_collapse", "critical", 1),
+    ("bg-all-fg", {"bg_fraction": [0.7, 0.0], "target_bg_fraction": [0.6, 0.6]}, {},
+     "background_collapse", "critical", 1),
+    ("bg-no-target", {"bg_fraction": [0.5, 1.0]}, {}, "background_collapse", "warning", 1),
+    ("z_e", {"z_e_step_change": [0.2, 0.6]}, {}, "z_e_step_change", "warning", 1),
+    ("z_e-pct", {"z_e_step_change_pct": [0.05, 0.25]}, {}, "z_e_step_change", "warning", 1),
+    ("encoder-dominates", {"grad_norm": [1.0, 1.0], "grad_norm_encoder": [0.4, 0.8]}, {},
+     "encoder_grad_share", "warning", 1),
+    ("encoder-starving", {"grad_norm": [1.0, 1.0], "grad_norm_encoder": [0.4, 0.1]}, {},
+     "encoder_starving", "warning", 1),
+    ("worse-than-chance", {"loss": [3.0, 3.5]}, {"vocab_size": 30}, "worse_than_chance",
+     "critical", 1),  # ln 30 = 3.401
+    ("nan-batches", {"nan_batches": [0, 12, 55]}, {}, "nan_batches", "critical", 2),
+    ("jump", {"loss": [1.0, 0.9, 2.0]}, {}, "loss_jump", "warning", 2),
+    ("non-finite-null", {"grad_norm": [1.0, None]}, {}, "non_finite", "critical", 1),
+    ("severity-override", {"entropy": [3.0]}, {"severity": {"entropy_spike": "warning"}},
+     "entropy_spike", "warning", 0),
+]
+
+
+@pytest.mark.parametrize("series, cfg, sig, sev, index", [t[1:] for t in _T], ids=[t[0] for t in _T])
+def test_each_signature_fires_at_its_first_step(series, cfg, sig, sev, index):
+    steps = {m: list(range(0, 10 * len(v), 10)) for m, v in series.items()}
+    data = {m: (steps[m], [math.nan if x is None else x for x in v]) for m, v in series.items()}
+    findings = scan_series(data, SignatureConfig(**cfg))
+    f = _one(findings, sig, severity=sev)
+    assert f.step == 10 * index
+    assert f.message
+
+
+def test_bg_collapse_not_flagged_when_targets_are_all_background_too():
+    assert scan_series({"bg_fraction": ([0], [0.995]), "target_bg_fraction": ([0], [0.999])}) == []
+
+
+def test_worse_than_chance_is_off_without_vocab_size():
+    assert not _by(scan_series({"loss": ([0, 1], [12.0, 11.0])}), "worse_than_chance")
+
+
+def test_loss_spike_k_sigma_on_a_long_noisy_log():
+    rng = np.random.default_rng(0)
+    x = 1.0 + 0.01 * rng.standard_normal(3000)
+    x[2500] = 1.5  # 50 sigma, below the 2x ratio rule
+    f = _one(scan_series({"loss": (np.arange(3000), x)}), "loss_spike")
+    assert f.step == 2500 and f.threshold == pytest.approx(1.07, abs=0.01)
+
+
+def test_grad_norm_spike_zclip():
+    rng = np.random.default_rng(1)
+    g = 2.0 * (1.0 + 0.03 * rng.standard_normal(500))
+    g[400] = 4.0
+    f = _one(scan_series({"grad_norm": (np.arange(500), g)}), "grad_norm_spike")
+    assert f.step == 400 and f.threshold < 4.0
+
+
+def test_disabled_signature_is_silent():
+    cfg = SignatureConfig(disabled={"mode_collapse", "entropy_spike"})
+    findings = scan_series({"entropy": ([0], [9.0]), "sample": ([0], [MODE_COLLAPSE])}, cfg)
+    assert sorted(f.signature for f in findings) == ["repetition", "seq_repetition"]
+
+
+# --------------------------------------------------------------------------- real-world shapes
+def test_single_nan_at_the_end_of_a_healthy_log():
+    s = healthy_run(3, 0.02, 400, 10, False)
+    steps, loss = s["loss"]
+    loss = loss.copy()
+    loss[-1] = math.nan
+    s["loss"] = (steps, loss)
+    findings = scan_series(s)
+    assert [(f.signature, f.metric, f.step) for f in findings] == [("non_finite", "loss", 3990)]
+    assert [f.as_json() for f in _stream(records_of(s))] == [f.as_json() for f in findings]
+
+
+def test_handful_of_points():
+    findings = scan_records([(0, {"loss": 2.0}), (100, {"loss": 1.5}), (200, {"loss": 4.0})])
+    assert [f.signature for f in findings if f.severity == "warning"] == ["loss_jump"]
+    assert scan_records([(0, {"loss": 2.0}), (100, {"loss": 1.5}), (200, {"loss": 1.2})]) == []
+
+
+def test_metric_appearing_mid_run_and_irregular_steps():
+    rng = np.random.default_rng(2)
+    steps = np.cumsum(rng.integers(1, 30, 600))
+    loss = (0.3 + np.exp(-np.arange(600) / 200)) * (1 + 0.01 * rng.standard_normal(600))
+    gsteps = steps[300:]  # grad_norm only logged from the middle on
+    g = 1.0 + 0.02 * rng.standard_normal(300)
+    g[250] = 3.0
+    findings = scan_series({"loss": (steps, loss), "grad_norm": (gsteps, g)})
+    assert [(f.signature, f.step) for f in findings] == [("grad_norm_spike", int(gsteps[250]))]
+
+
+def test_sparse_every_10_steps_divergence():
+    steps = np.arange(0, 3000, 10)
+    loss = np.where(steps < 2000, 1.0 / (1 + steps / 500), 1.0 / 5 * (1 + (steps - 2000) / 500))
+    div = _one(scan_series({"loss": (steps, loss)}), "divergence")
+    assert 2000 < div.step < 2500  # smoothing over 50 points (500 steps here) lags the rise
+
+
+# --------------------------------------------------------------------------- healthy controls
+@given(seed=st.integers(0, 2**16), noise=st.sampled_from([0.0, 0.005, 0.01, 0.02, 0.03]),
+       shape=st.sampled_from([(5, 1, False), (12, 100, False), (40, 10, True), (300, 10, False),
+                              (1500, 1, False), (400, 37, True)]))
+@example(seed=0, noise=0.0, shape=(5, 1, False))
+@example(seed=1, noise=0.03, shape=(1500, 1, False))
+def test_healthy_runs_come_out_healthy(seed, noise, shape):
+    n, every, irregular = shape
+    s = healthy_run(seed, noise, n, every, irregular)
+    findings = scan_series(s)
+    assert findings == [], f"false alarm on a healthy run: {findings}"
+
+
+# --------------------------------------------------------------------------- one definition
+_SMALL = SignatureConfig(spike_window=30, spike_min_periods=5, zclip_warmup=5, smooth_window=5,
+                         noise_min_pairs=3, plateau_patience=3)
+_ALL = ["loss", "val_loss", "grad_norm", "accuracy", "bg_fraction", "target_bg_fraction",
+        "grad_norm_encoder", "lora_norm", "nan_batches", "entropy"]
+
+
+def _agree(series, config):
+    vec = scan_series(series, config)
+    streamed = _stream(records_of(series), config)
+    assert [f.as_json() for f in streamed] == [f.as_json() for f in vec]
+    return vec
+
+
+@given(series=metric_series(metrics=_ALL, max_points=120),
+       config=st.sampled_from([_SMALL, SignatureConfig()]))
+@example(series={"loss": ([1.0, 2.0, 3.0], [1.0, 1.0, 1.0])}, config=_SMALL)  # constant: sigma 0
+@example(series={"loss": ([1.0], [math.nan])}, config=_SMALL)
+@example(series={"accuracy": (list(range(12)), [0.0] * 12)}, config=_SMALL)  # best 0
+@example(series={"loss": (list(range(8)), [1.0, -1.0, 2.0, 0.0, 1e-300, 5.0, 5.0, 5.0])},
+         config=_SMALL)  # signs and zero crossings
+def test_streaming_and_vectorised_drivers_give_identical_findings(series, config):
+    _agree(series, config)
+
+
+@given(texts=st.lists(st.sampled_from([MODE_COLLAPSE, *TOKEN_SOUP, *HEALTHY_SAMPLES, "a b a b a b a b a b"]),
+                      min_size=1, max_size=6))
+def test_drivers_agree_on_samples(texts):
+    _agree({"sample": (list(range(len(texts))), texts)}, SignatureConfig())
+
+
+def test_drivers_agree_on_the_seed_logs():
+    for records in (rlan_timeline(), phase1_epoch_log()):
+        assert [f.as_json() for f in _stream(records)] == [f.as_json() for f in scan_records(records)]
+
+
+# --------------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize("kwargs, match", [
+    ({"spike_k": -1.0}, r"spike_k=-1.0: must be > 0"),
+    ({"spike_window": 0}, r"spike_window=0: must be an integer >= 1"),
+    ({"zclip_alpha": 1.0}, r"zclip_alpha=1.0: must lie in \(0, 1\)"),
+    ({"bg_low": 0.9, "bg_high": 0.5}, r"bg_low=0.9: must be < bg_high"),
+    ({"lora_norm_warn": 3.0}, r"must satisfy warn <= critical <= kill"),
+    ({"entropy_max": math.nan}, r"entropy_max=nan: must be a finite number"),
+    ({"vocab_size": 1}, r"vocab_size=1: must be an integer >= 2"),
+    ({"severity": {"nope": "warning"}}, r"severity='nope': unknown signature"),
+    ({"severity": {"plateau": "fatal"}}, r"severity\['plateau'\]='fatal'"),
+    ({"disabled": {"nope"}}, r"disabled='nope': unknown signature"),
+    ({"spike_min_periods": 2000}, r"spike_min_periods=2000: must be <= spike_window=1000"),
+], ids=["neg-k", "zero-window", "alpha-1", "bg-order", "lora-order", "nan", "vocab",
+        "severity-name", "severity-value", "disabled", "min-periods"])
+def test_bad_config(kwargs, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        SignatureConfig(**kwargs)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: scan_series({"losss": ([0], [1.0])}), r"metric='losss': unknown metric"),
+    (lambda: scan_series({"loss": ([1, 0], [1.0, 2.0])}), r"steps=.*must be non-decreasing"),
+    (lambda: scan_series({"loss": ([0, 1], [1.0])}), r"steps and values must be 1-D and of equal"),
+    (lambda: scan_records([(5, {"loss": 1.0}), (4, {"loss": 1.0})]), r"records\[1\].step=4.0"),
+    (lambda: StreamingScanner().update(0, {"loss": "x"}), r"metrics\['loss'\]='x': must be a number"),
+    (lambda: metric_series(min_points=0), r"min_points=0"),
+    (lambda: metric_series(min_points=5, max_points=2), r"Cannot have max_points=2 < min_points=5"),
+    (lambda: sample_statistics(3), r"text=3: must be a str"),
+], ids=["unknown-metric", "steps-backwards", "length-mismatch", "records-backwards",
+        "non-numeric", "min-points", "max-lt-min", "sample-not-str"])
+def test_bad_arguments(call, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        call()
