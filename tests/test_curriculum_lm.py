@@ -257,6 +257,8 @@ def test_p8_unseeded_split_is_caught():
 
 
 @given(grads=gradient_sets(max_norm=1.0, dtype=st.sampled_from([torch.float32, torch.float64])))
+@example(grads=[torch.tensor([1.0 - 5e-7], dtype=torch.float64)])  # scaled although below the cap
+@example(grads=[torch.tensor([0.0, 0.0])])                          # zero gradient: 0 / (0 + 1e-6)
 def test_p5_torch_clip_grad_norm_holds(grads):
     assert_gradients_clipped(torch.nn.utils.clip_grad_norm_, grads, max_norm=1.0)
 
@@ -312,3 +314,61 @@ def test_p3_p4_reference_objects_agree_with_the_oracle(losses, patience):
     want = expected_early_stop(losses, patience=patience, min_delta=0.01)
     assert (stops[0] if stops else None) == want
     assert_best_checkpoint_tracks_minimum(clm.BestCheckpoint(0.01), losses, min_delta=0.01)
+
+
+def test_p3_contract_is_the_seeds_spelling_of_improvement():
+    """0.9 -> 0.89 with min_delta 0.01: `v < best - d` says no, `best - v > d` says yes."""
+    assert (0.89 < 0.9 - 0.01) is False and (0.9 - 0.89 > 0.01) is True
+
+    class OtherSpelling:
+        def __init__(self):
+            self.best, self.bad = math.inf, 0
+
+        def step(self, v):
+            if self.best - v > 0.01:
+                self.best, self.bad = v, 0
+                return False
+            self.bad += 1
+            return self.bad >= 2
+    assert_early_stopping_follows_patience(clm.EarlyStopping(2, 0.01), [0.9, 0.89, 0.89],
+                                           patience=2, min_delta=0.01)
+    with pytest.raises(InvariantViolation, match=r"a stop at check 3.*\n.*never stopped"):
+        assert_early_stopping_follows_patience(OtherSpelling(), [0.9, 0.89, 0.89],
+                                               patience=2, min_delta=0.01)
+
+
+# ------------------------------------------------------ strategies reach the edges
+def _total_norm(grads):
+    return float(torch.cat([g.double().flatten() for g in grads]).norm())
+
+
+EDGES = [
+    ("val_losses_seed_flat_2.5", val_loss_sequences(),
+     lambda s: len(s) == 12 and set(s) == {2.5}),
+    ("val_losses_step_exactly_min_delta", val_loss_sequences(kind="improving"),
+     lambda s: any(b == a - 0.01 for a, b in zip(s, s[1:]))),  # the P3/P4 decision edge
+    ("val_losses_diverging", val_loss_sequences(kind="improving_then_diverging"),
+     lambda s: len(s) >= 3 and s[0] > min(s) < s[-1]),
+    ("grads_norm_at_cap", gradient_sets(dtype=torch.float64),
+     lambda g: abs(_total_norm(g) - 1.0) <= 4e-16),
+    ("grads_norm_just_above_cap", gradient_sets(dtype=torch.float64),
+     lambda g: 1.0 < _total_norm(g) <= 1.0 + 1e-12),
+    ("grads_all_zero", gradient_sets(), lambda g: _total_norm(g) == 0.0),
+    ("grads_bfloat16", gradient_sets(dtype=st.sampled_from([torch.float32, torch.bfloat16])),
+     lambda g: g[0].dtype == torch.bfloat16),
+    ("schedule_one_step", lr_schedule_configs(), lambda c: c.total_steps == 1),
+    ("schedule_warmup_all_but_one", lr_schedule_configs(),
+     lambda c: c.total_steps > 10 and c.warmup_steps == c.total_steps - 1),
+    ("schedule_no_warmup", lr_schedule_configs(), lambda c: c.total_steps > 10
+     and c.warmup_steps == 0),
+    ("split_one_sample", split_sizes(), lambda n: n == 1),
+    ("split_round_flips_2_to_3", split_sizes(), lambda n: n == 13),  # round(2.6) = 3
+]
+
+
+@pytest.mark.parametrize("strategy, condition", [(s, c) for _, s, c in EDGES],
+                         ids=[i for i, _, _ in EDGES])
+def test_strategies_reach_the_edges(strategy, condition):
+    from hypothesis import find, settings
+    assert condition(find(strategy, condition,
+                          settings=settings(max_examples=2000, derandomize=True, database=None)))
