@@ -267,7 +267,8 @@ def make_batch(cfg: HyperLoRAConfig, generator: torch.Generator
 
 
 def train_steps(cfg: HyperLoRAConfig = FIXED, steps: int = 50, seed: int = 0, *,
-                stop_on_governor: bool = False) -> dict[str, list[float]]:
+                stop_on_governor: bool = False, num_threads: int | None = 1
+                ) -> dict[str, list[float]]:
     """A short deterministic training run; per-step metric lists (DESIGN metric names).
 
     Keys: ``loss`` (cross-entropy, without the decay), ``accuracy`` (cells right),
@@ -277,8 +278,23 @@ def train_steps(cfg: HyperLoRAConfig = FIXED, steps: int = 50, seed: int = 0, *,
     ``grad_norm``, ``lr`` (base), ``lr_hyperlora``, ``governor_level`` (0-3),
     ``lora_norm_ema``, ``early_stop`` (0/1). Global RNG state is left untouched.
     With ``stop_on_governor`` the run ends at the governor's first "stop".
+    ``num_threads`` (default 1: fastest for these tiny tensors, and a fixed
+    count for golden runs) is set for the run and restored; ``None`` keeps torch's.
     """
     require(isinstance(steps, int) and steps >= 1, "steps", steps, "must be an integer >= 1")
+    require(num_threads is None or (isinstance(num_threads, int) and num_threads >= 1),
+            "num_threads", num_threads, "must be None or an integer >= 1")
+    saved_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        return _train(cfg, steps, seed, stop_on_governor)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _train(cfg: HyperLoRAConfig, steps: int, seed: int, stop_on_governor: bool
+           ) -> dict[str, list[float]]:
     keys = ("loss", "accuracy", "lora_norm", "lora_norm_max", "entropy", "nan_batches",
             "grad_norm", "lr", "lr_hyperlora", "governor_level", "lora_norm_ema", "early_stop")
     out: dict[str, list[float]] = {k: [] for k in keys}
