@@ -22,6 +22,7 @@ with the number of terms, and the messages say so.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -35,6 +36,7 @@ from invariants._strategies import _as_strategy
 from invariants._tolerances import tolerance_for
 
 __all__ = [
+    "ContextSpec",
     "PCT_UNDEFINED_BELOW",
     "assert_context_diagnostics_match",
     "assert_context_rows_normalized",
@@ -45,6 +47,7 @@ __all__ = [
     "assert_query_gradient_blocked",
     "assert_residual_scaled",
     "context_diagnostics_reference",
+    "context_specs",
     "contexts",
     "encoder_grad_share_reference",
     "lr_scales",
@@ -303,7 +306,7 @@ def assert_context_rows_normalized(normalize: Callable[[torch.Tensor], torch.Ten
     peak = context.detach().double().abs().amax(dim=-1)
     spread = (v_in + eps).sqrt()
     cond = torch.where(spread > 0, peak / spread.clamp_min(1e-300), torch.zeros_like(peak))
-    allowed = tol.atol + 4 * tol.rtol + 4 * d * tol.eps * cond
+    allowed = tol.atol + 4 * tol.rtol + d * tol.eps * cond
     err = torch.maximum(mean_out.abs(), (var_out - expected_var).abs())
     err = torch.where(torch.isnan(err), torch.full_like(err, math.inf), err)
     bad = err > allowed
@@ -608,49 +611,93 @@ def lr_scales(*, min_value: float = 0.0, max_value: float = 1.0) -> st.SearchStr
     return st.one_of(st.sampled_from(edges), st.floats(min_value, max_value))
 
 
-_KINDS = st.sampled_from(("gaussian", "zero", "constant_rows", "mixed_rows"))
+CONTEXT_KINDS = ("gaussian", "zero", "constant_rows", "mixed_rows")
+_KINDS = st.sampled_from(CONTEXT_KINDS)
 _SEEDS = st.integers(0, 2 ** 16)
 
 
+@dataclass(frozen=True)
+class ContextSpec:
+    """A reproducible recipe for one context tensor; ``tensor()`` builds it.
+
+    Hypothesis reports the spec (one short line) instead of a tensor dump.
+
+    Kinds: ``gaussian`` (N(0, 1) · scale), ``zero``, ``constant_rows`` (every
+    row one repeated value · scale: zero variance), ``mixed_rows`` (each row
+    at its own decade, log-uniform in [min_scale, scale]).
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    kind: str
+    scale: float
+    seed: int
+    noncontiguous: bool = False
+    min_scale: float = 1e-4
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.shape, tuple) and len(self.shape) >= 2
+                and all(isinstance(s, int) and s >= 1 for s in self.shape),
+                "shape", self.shape, "must be a tuple of >= 2 integers >= 1, e.g. (B, L, D)")
+        require(self.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                "dtype", self.dtype, "must be a floating dtype")
+        require(self.kind in CONTEXT_KINDS, "kind", self.kind, f"must be one of {CONTEXT_KINDS}")
+        require_positive("scale", self.scale)
+        require_positive("min_scale", self.min_scale)
+
+    def __repr__(self) -> str:  # one short, eval-able line for counterexamples
+        extra = ", noncontiguous=True" if self.noncontiguous else ""
+        if self.kind == "mixed_rows":
+            extra += f", min_scale={self.min_scale!r}"
+        return (f"ContextSpec({self.shape!r}, {self.dtype}, {self.kind!r}, scale={self.scale!r}, "
+                f"seed={self.seed!r}{extra})")
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # Hypothesis's printer
+        printer.text(repr(self))
+
+    def tensor(self) -> torch.Tensor:
+        shape = self.shape
+        gen = torch.Generator().manual_seed(self.seed)
+        base = torch.randn(shape, generator=gen, dtype=torch.float64)
+        if self.kind == "zero":
+            values = torch.zeros(shape, dtype=torch.float64)
+        elif self.kind == "constant_rows":
+            values = base[..., :1].expand(shape) * self.scale
+        elif self.kind == "mixed_rows":
+            lo, hi = math.log10(self.min_scale), math.log10(max(self.scale, self.min_scale))
+            e = torch.rand(shape[:-1] + (1,), generator=gen, dtype=torch.float64) * (hi - lo) + lo
+            values = base * 10.0 ** e
+        else:
+            values = base * self.scale
+        values = values.to(self.dtype)
+        if self.noncontiguous and values.numel() > 1:
+            wide = torch.zeros(shape[:-1] + (2 * shape[-1],), dtype=self.dtype)
+            wide[..., ::2] = values
+            values = wide[..., ::2]  # same values, stride 2 on the last dim
+        return values
+
+
 @st.composite
-def _context(draw, batch, slots, width, dtype, scales, bounds, noncontiguous):
+def _context_spec(draw, batch, slots, width, dtype, scales, min_scale, noncontiguous):
     shape = (draw(batch), draw(slots), draw(width))
-    dtype = draw(dtype)
-    scale = draw(scales, label="scale")
-    kind = draw(_KINDS, label="kind")
-    gen = torch.Generator().manual_seed(draw(_SEEDS, label="seed"))
-    base = torch.randn(shape, generator=gen, dtype=torch.float64)
-    lo, hi = bounds
-    if kind == "zero":
-        values = torch.zeros(shape, dtype=torch.float64)
-    elif kind == "constant_rows":
-        values = base[..., :1].expand(shape) * scale
-    elif kind == "mixed_rows":  # every row at its own decade between the bounds
-        e = torch.rand(shape[:-1] + (1,), generator=gen, dtype=torch.float64) * (hi - lo) + lo
-        values = base * 10.0 ** e
-    else:
-        values = base * scale
-    values = values.to(dtype)
-    if draw(noncontiguous) and values.numel() > 1:
-        wide = torch.zeros(shape[:-1] + (2 * shape[-1],), dtype=dtype)
-        wide[..., ::2] = values
-        values = wide[..., ::2]
-    return values
+    return ContextSpec(shape=shape, dtype=draw(dtype), kind=draw(_KINDS, label="kind"),
+                       scale=draw(scales, label="scale"), seed=draw(_SEEDS, label="seed"),
+                       noncontiguous=draw(noncontiguous), min_scale=min_scale)
 
 
-def contexts(*, batch: Any = None, slots: Any = None, width: Any = 8,
-             dtype: Any = torch.float32, min_magnitude: float = 1e-4,
-             max_magnitude: float = 1e4, noncontiguous: Any = st.booleans()
-             ) -> st.SearchStrategy[torch.Tensor]:
-    """Context tensors (B, L, D) whose rows have a typical size between the bounds.
+def context_specs(*, batch: Any = None, slots: Any = None, width: Any = 8,
+                  dtype: Any = torch.float32, min_magnitude: float = 1e-4,
+                  max_magnitude: float = 1e4, noncontiguous: Any = st.booleans()
+                  ) -> st.SearchStrategy[ContextSpec]:
+    """Recipes (``ContextSpec``) of contexts (B, L, D) with row scales between the bounds.
 
-    Kinds: Gaussian rows times one scale (every decade between the bounds and
-    the bounds themselves drawn on purpose), all zeros, constant rows (zero
-    variance), and rows each at its own decade. Also used for demo sets
-    (``slots`` = the number of demos N).
+    Kinds: Gaussian rows times one scale (the bounds and every decade between
+    them drawn on purpose, log-uniform otherwise), all zeros, constant rows
+    (zero variance), and rows each at its own decade. Also used for demo sets
+    (``slots`` = the number of demos N). ``contexts`` draws the tensors directly.
 
     Args:
-      batch, slots, width: ints or strategies (defaults: 1..4 with 1 on purpose, 1..4, 8).
+      batch, slots, width: ints or strategies (defaults: 1..4 reaching 1, 1..4, 8).
       dtype: a dtype or a strategy of them.
       min_magnitude, max_magnitude: the row scale range, 0 < min <= max.
       noncontiguous: bool or strategy; True yields a stride-2 view.
@@ -665,7 +712,13 @@ def contexts(*, batch: Any = None, slots: Any = None, width: Any = 8,
     decades = [10.0 ** k for k in range(math.ceil(lo), math.floor(hi) + 1)]
     edges = sorted({float(min_magnitude), float(max_magnitude), *decades})
     scales = st.one_of(st.sampled_from(edges), st.floats(lo, hi).map(lambda e: 10.0 ** e))
-    return _context(small if batch is None else _as_strategy(batch, "batch"),
-                    small if slots is None else _as_strategy(slots, "slots"),
-                    _as_strategy(width, "width"), _as_strategy(dtype, "dtype"),
-                    scales, (lo, hi), _as_strategy(noncontiguous, "noncontiguous"))
+    return _context_spec(small if batch is None else _as_strategy(batch, "batch"),
+                         small if slots is None else _as_strategy(slots, "slots"),
+                         _as_strategy(width, "width"), _as_strategy(dtype, "dtype"),
+                         scales, float(min_magnitude),
+                         _as_strategy(noncontiguous, "noncontiguous"))
+
+
+def contexts(**kwargs: Any) -> st.SearchStrategy[torch.Tensor]:
+    """Context tensors (B, L, D): ``context_specs(**kwargs)`` built with ``.tensor()``."""
+    return context_specs(**kwargs).map(ContextSpec.tensor)

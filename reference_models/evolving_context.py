@@ -34,7 +34,7 @@ from torch import nn
 from invariants import (Case, assert_context_diagnostics_match, assert_context_rows_normalized,
                         assert_context_update_smoothed, assert_encoder_frozen_by_zero_lr,
                         assert_encoder_grad_share_valid, assert_encoder_lr_scaled,
-                        assert_query_gradient_blocked, assert_residual_scaled, contexts,
+                        assert_query_gradient_blocked, assert_residual_scaled, context_specs,
                         lr_scales, unit_fractions)
 from invariants._context import PCT_UNDEFINED_BELOW
 from invariants._errors import (require, require_in_unit_interval, require_non_negative,
@@ -59,7 +59,8 @@ class EvolvingContextConfig:
     layer_norm_eps: float = 1e-5  # F.layer_norm's default, as the seed calls it
     rms_eps: float = 1e-6      # eps of the encoder's rms_norm
     encoder_lr_scale: float = 0.3  # Fix 1: "Encoder learns at 30% of decoder's rate"
-    base_lr: float = 3e-3      # decoder (base) learning rate of train_steps
+    base_lr: float = 1e-2      # decoder (base) lr of train_steps: FIXED reaches 100 % train
+                               # accuracy within 100 steps at this lr (3e-3: ~70 %)
     weight_decay: float = 0.01  # AdamW; with lr 0 it must not move a frozen encoder
     grad_clip: float = 1.0     # seed: "Global gradient clipping (norm=1.0)"
     batch: int = 16
@@ -299,23 +300,30 @@ METRICS = ("loss", "accuracy", "z_e_step_change", "z_e_step_change_pct", "grad_n
            "grad_norm_encoder", "grad_norm_decoder", "encoder_grad_share")
 
 
-def train_steps(cfg: EvolvingContextConfig = FIXED, steps: int = 50, seed: int = 0
+def train_steps(cfg: EvolvingContextConfig = FIXED, steps: int = 100, seed: int = 0
                 ) -> dict[str, list[float]]:
     """A short deterministic training run on synthetic data: per-step metric lists.
 
     Keys: ``METRICS``. ``z_e_step_change``/``_pct`` are over all rows of all ACT
     steps of the step's forward; gradient norms are taken before clipping.
-    Same (cfg, steps, seed) -> the same numbers on the same machine and thread count.
+    Runs with one intra-op thread (restored after), so the numbers do not depend
+    on the machine's thread count; the global RNG is not touched. Same
+    (cfg, steps, seed) -> the same numbers. About 0.3 s per 50 steps on one core.
     """
     require(isinstance(steps, int) and steps >= 1, "steps", steps, "must be an integer >= 1")
     require(isinstance(seed, int) and seed >= 0, "seed", seed, "must be an integer >= 0")
-    model, opt = build(cfg, seed)
-    task = make_task(cfg, seed)
-    out: dict[str, list[float]] = {k: [] for k in METRICS}
-    for step in range(steps):
-        metrics = train_step(model, opt, task(step))
-        for k in METRICS:
-            out[k].append(metrics[k])
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, opt = build(cfg, seed)
+        task = make_task(cfg, seed)
+        out: dict[str, list[float]] = {k: [] for k in METRICS}
+        for step in range(steps):
+            metrics = train_step(model, opt, task(step))
+            for k in METRICS:
+                out[k].append(metrics[k])
+    finally:
+        torch.set_num_threads(saved)
     return out
 
 
@@ -370,16 +378,16 @@ def _encoder(cfg: EvolvingContextConfig, dtype: torch.dtype = torch.float32,
 _ALL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 # Strategies are built once (building them inside a test costs Hypothesis more than
 # the test itself). Demos: 0.1..10 scale, 1..4 of them, per batch size.
-_Z = {dt: contexts(width=_WIDTH, dtype=dt) for dt in _ALL_DTYPES}
-_DEMOS = {b: contexts(batch=b, slots=_DEMO_COUNTS, width=_WIDTH, dtype=torch.float64,
-                      min_magnitude=0.1, max_magnitude=10.0) for b in range(1, 5)}
-_Z_LIKE = {(b, l, dt): contexts(batch=b, slots=l, width=_WIDTH, dtype=dt)
+_Z = {dt: context_specs(width=_WIDTH, dtype=dt) for dt in _ALL_DTYPES}
+_DEMOS = {b: context_specs(batch=b, slots=_DEMO_COUNTS, width=_WIDTH, dtype=torch.float64,
+                           min_magnitude=0.1, max_magnitude=10.0) for b in range(1, 5)}
+_Z_LIKE = {(b, l, dt): context_specs(batch=b, slots=l, width=_WIDTH, dtype=dt)
            for b in range(1, 5) for l in range(1, 5) for dt in _ALL_DTYPES}
 
 
 def _draw_inputs(data, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    z = data.draw(_Z[dtype], label="z_prev")
-    demos = data.draw(_DEMOS[z.shape[0]], label="demos").to(dtype)
+    z = data.draw(_Z[dtype], label="z_prev").tensor()
+    demos = data.draw(_DEMOS[z.shape[0]], label="demos").tensor().to(dtype)
     return z, demos
 
 
@@ -435,10 +443,11 @@ def _check_e4(make: Callable[[], EvolvingContextConfig]) -> None:
     model = EvolvingContextModel(replace(cfg, d_model=_WIDTH))
 
     @_profile_settings()
-    @given(context=contexts(width=st.sampled_from([1, 2, _WIDTH]),
-                            dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16])))
-    def e4(context):
-        assert_context_rows_normalized(model.normalize_context, context, eps=cfg.layer_norm_eps)
+    @given(spec=context_specs(width=st.sampled_from([1, 2, _WIDTH]),
+                              dtype=st.sampled_from(_ALL_DTYPES)))
+    def e4(spec):
+        assert_context_rows_normalized(model.normalize_context, spec.tensor(),
+                                       eps=cfg.layer_norm_eps)
     e4()
 
 
@@ -447,10 +456,10 @@ def _check_e4_claim(make: Callable[[], EvolvingContextConfig]) -> None:
     model = EvolvingContextModel(replace(make(), d_model=_WIDTH))
 
     @_profile_settings()
-    @given(context=contexts(width=_WIDTH))
-    def e4_claim(context):
+    @given(spec=context_specs(width=_WIDTH))
+    def e4_claim(spec):
         # the seed's literal claim: variance 1 whatever the input scale (eps = 0)
-        assert_context_rows_normalized(model.normalize_context, context, eps=0.0)
+        assert_context_rows_normalized(model.normalize_context, spec.tensor(), eps=0.0)
     e4_claim()
 
 
@@ -488,8 +497,8 @@ def _check_e6(make: Callable[[], EvolvingContextConfig]) -> None:
            enc_scale=st.sampled_from([0.0, 1e-4, 1.0, 1e4]),
            dec_scale=st.sampled_from([0.0, 1e-4, 1.0, 1e4]), data=st.data())
     def e6(dtype, enc_scale, dec_scale, data):
-        z_prev = data.draw(_Z[dtype], label="z_prev")
-        z_new = data.draw(_Z_LIKE[(*z_prev.shape[:2], dtype)], label="z_new")
+        z_prev = data.draw(_Z[dtype], label="z_prev").tensor()
+        z_new = data.draw(_Z_LIKE[(*z_prev.shape[:2], dtype)], label="z_new").tensor()
         assert_context_diagnostics_match(model.context_diagnostics, z_prev, z_new)
         gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16), label="seed"))
         for p in params:  # random gradients, each side at its own scale (0 included)
