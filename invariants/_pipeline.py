@@ -183,6 +183,9 @@ def assert_stage_boundary_keeps_optimizer_state(
                 fail("per-parameter optimizer state bit-identical across the stage boundary",
                      f"param {pid} {key!r}: before {_describe(value)}, after "
                      f"{_describe(new_value)}", hint=hint)
+    if len(before["param_groups"]) != len(after["param_groups"]):
+        fail("the same param groups after the stage boundary",
+             f"{len(before['param_groups'])} groups before, {len(after['param_groups'])} after")
     for g, (group, new_group) in enumerate(zip(before["param_groups"], after["param_groups"])):
         for key, value in group.items():
             if key == "params":
