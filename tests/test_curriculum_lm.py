@@ -372,3 +372,20 @@ def test_strategies_reach_the_edges(strategy, condition):
     from hypothesis import find, settings
     assert condition(find(strategy, condition,
                           settings=settings(max_examples=2000, derandomize=True, database=None)))
+
+
+def test_train_lr_continues_across_stages_unless_the_optimizer_is_recreated():
+    """The seed's suspected mechanism, in a real run: re-creating optimizer and schedule at
+    the stage change restarts warmup, so the LR drops to 0 at the first step of stage 2."""
+    from dataclasses import replace
+    fixed = clm.train(clm.FIXED, seed=0, max_epochs=4)
+    broken = clm.train(replace(clm.FIXED, recreate_optimizer_per_stage=True), seed=0,
+                       max_epochs=4)
+    boundary = fixed["epoch_step"][clm.FIXED.epochs_per_stage - 1]  # steps done in stage 1
+    sched = clm.schedule_for(clm.FIXED, len(fixed["step"]))
+    assert fixed["lr"][boundary] == pytest.approx(
+        clm.FIXED.lr * clm.warmup_cosine(sched)(boundary), rel=1e-12)  # on schedule
+    assert fixed["lr"][boundary] > 0.0
+    assert broken["lr"][boundary] == 0.0
+    jumps = [abs(b - a) for a, b in zip(fixed["lr"], fixed["lr"][1:])]
+    assert jumps.index(max(jumps)) != boundary - 1  # no jump at the boundary
