@@ -34,7 +34,7 @@ from invariants import (Case, NormGovernor, assert_clamp_identity_below_cap,
                         assert_lora_decay_term, assert_norm_governor_acts, assert_param_group_lrs,
                         assert_predictor_deltas_bounded, assert_delta_norms_bounded,
                         clamp_frobenius, frobenius_norms, hyperlora_contexts, lora_norm_series,
-                        weight_deltas)
+                        values_around, weight_deltas)
 from invariants._errors import InvalidArgumentError, require, require_finite
 
 SYSTEM = "hyperlora"
@@ -357,6 +357,12 @@ def _predictors(cfg: HyperLoRAConfig) -> dict[torch.dtype, HyperLoRA]:
     return {dt: build_solver(cfg, seed=0, dtype=dt).hyperlora for dt in _DTYPES}
 
 
+# Uniform first so a failure shrinks to a plain norm (e.g. 2.0), then τ's exact
+# neighbours, zero, tiny and huge.
+_H1_NORMS = st.one_of(st.floats(0.0, 10.0), values_around(1.0),
+                      st.sampled_from([0.0, 1e-6, 1e4, 1e6]))
+
+
 def _check_h1(make: Callable[[], HyperLoRAConfig]) -> None:
     cfg = make()
     predictors = _predictors(cfg)
@@ -368,7 +374,7 @@ def _check_h1(make: Callable[[], HyperLoRAConfig]) -> None:
                              label="contexts")
         assert_predictor_deltas_bounded(predictors[dtype], contexts, max_norm=tau)
         if cfg.hyperlora_max_norm is not None:   # the clamp itself at norms around τ
-            delta = data.draw(weight_deltas(max_norm=tau, dtype=dtype), label="delta")
+            delta = data.draw(weight_deltas(norms=_H1_NORMS, dtype=dtype), label="delta")
             assert_delta_norms_bounded(CLAMPS[cfg.clamp_mode](delta, cfg.hyperlora_max_norm),
                                        max_norm=tau)
     with _one_thread():
