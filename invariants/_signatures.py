@@ -694,32 +694,40 @@ class Divergence(Detector):
     ``s_i`` = the point itself while fewer than ``smooth_window`` points, then the
     mean of the last ``smooth_window`` (reference and sums restart there);
     ``ref_i = min s``; ``e_i = (s_i - ref_i)/|ref_i|``;
-    ``S_i = max(0, S_{i-1} + e_i - k)`` computed as ``D_i - min(0, min D)`` with
-    ``D = cumsum(e - k)``; flag ``S_i > h``.
+    ``S_i = max(0, S_{i-1} + e_i - k_i)`` computed as ``D_i - min(0, min D)`` with
+    ``D = cumsum(e - k)``; flag ``S_i > h``.  The drift ``k_i = max(divergence_drift,
+    noise_k * nu_i / sqrt(m_i))`` once ``noise_min_pairs`` changes are known (as in
+    ``AccuracyDrop``): a noisy raw series has a running minimum that is an outlier.
     """
 
     signature = "divergence"
 
-    def _f(self, step, s, ref, S):
+    def _f(self, step, s, ref, S, k):
         c = self.cfg
-        return self.finding("critical", step, s, ref * (1.0 + c.divergence_drift),
+        return self.finding("critical", step, s, ref * (1.0 + k),
                             f"{self.metric} rose after improving: smoothed value {_g(s)} vs best "
                             f"{_g(ref)}; CUSUM of the relative excess over drift "
-                            f"k={_g(c.divergence_drift)} reached {_g(S)} > h={_g(c.divergence_h)}")
+                            f"k={_g(k)} reached {_g(S)} > h={_g(c.divergence_h)}")
 
     def scan(self, view, ctx):
         c = self.cfg
         x = view.x
-        s = _smoothed(x, c.smooth_window)
-        for a, b in _segments(len(x), c.smooth_window):
+        w = c.smooth_window
+        s = _smoothed(x, w)
+        nu = _noise(x, w)
+        idx = np.arange(len(x))
+        for a, b in _segments(len(x), w):
             seg = s[a:b]
+            k = np.maximum(c.noise_k * nu[a:b] / (1.0 if a == 0 else math.sqrt(w)),
+                           c.divergence_drift)
+            k = np.where(idx[a:b] > c.noise_min_pairs, k, c.divergence_drift)
             ref = np.minimum.accumulate(seg)
             e = (seg - ref) / np.maximum(np.abs(ref), 1e-12)
-            D = np.cumsum(e - c.divergence_drift)
+            D = np.cumsum(e - k)
             S = D - np.minimum(np.minimum.accumulate(D), 0.0)
             j = _first(S > c.divergence_h)
             if j >= 0:
-                return [self._f(view.step[a + j], seg[j], ref[j], S[j])]
+                return [self._f(view.step[a + j], seg[j], ref[j], S[j], k[j])]
         return []
 
     def stream(self):
@@ -727,34 +735,46 @@ class Divergence(Detector):
 
 
 class _DivergenceState(_State):
-    __slots__ = ("det", "sm", "ref", "D", "Dmin", "k", "h")
+    __slots__ = ("det", "sm", "nz", "ref", "D", "Dmin", "k", "h", "nk", "sqw", "minp")
 
     def __init__(self, det):
+        cfg = det.cfg
         self.det = det
-        self.sm = _SmoothState(det.cfg.smooth_window)
+        self.sm = _SmoothState(cfg.smooth_window)
+        self.nz = _NoiseState(cfg.smooth_window)
         self.ref = math.inf
         self.D = 0.0
         self.Dmin = math.inf
-        self.k = det.cfg.divergence_drift
-        self.h = det.cfg.divergence_h
+        self.k = cfg.divergence_drift
+        self.h = cfg.divergence_h
+        self.nk = cfg.noise_k
+        self.sqw = math.sqrt(cfg.smooth_window)
+        self.minp = cfg.noise_min_pairs + 1
         self.done = False
 
     def push(self, step, x, last):
         s = self.sm.push(x)
-        if self.sm.n == self.sm.w:  # smoothing starts: a fresh reference and CUSUM
+        nu = self.nz.push(x)
+        n = self.sm.n
+        if n == self.sm.w:  # smoothing starts: a fresh reference and CUSUM
             self.ref = math.inf
             self.D = 0.0
             self.Dmin = math.inf
+        k = self.k
+        if n > self.minp:
+            kn = self.nk * nu / (self.sqw if n >= self.sm.w else 1.0)
+            if kn > k:
+                k = kn
         ref = self.ref = s if s < self.ref else self.ref
         a = abs(ref)
         e = (s - ref) / (a if a > 1e-12 else 1e-12)
-        self.D = D = self.D + (e - self.k)
+        self.D = D = self.D + (e - k)
         if D < self.Dmin:
             self.Dmin = D
         S = D - (self.Dmin if self.Dmin < 0.0 else 0.0)
         if S > self.h:
             self.done = True
-            return [self.det._f(step, s, ref, S)]
+            return [self.det._f(step, s, ref, S, k)]
         return None
 
 

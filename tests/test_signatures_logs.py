@@ -94,7 +94,7 @@ def healthy_run(seed: int, noise: float, n: int, every: int, irregular: bool) ->
         "loss": (steps, noisy(curve)),
         "grad_norm": (steps, noisy(0.5 + 2.0 * np.exp(-t / tau))),
         "accuracy": (steps, np.clip(noisy(0.9 - 0.6 * np.exp(-t / tau)), 0.0, 1.0)),
-        "val_loss": (steps[vi], noisy(curve[vi] * 1.03, noise / 4)),
+        "val_loss": (steps[vi], noisy(curve[vi], noise / 4)),
         "lora_norm": (steps, 0.3 + 0.5 * (1.0 - np.exp(-t / tau))),
         "entropy": (steps, noisy(0.1 + 0.3 * np.exp(-t / tau))),
     }
