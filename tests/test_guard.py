@@ -1,0 +1,143 @@
+"""CollapseGuard: the streaming driver in a training loop (warn / stop / raise)."""
+import math
+import warnings
+
+import pytest
+import torch
+
+from invariants import (CollapseDetected, CollapseGuard, CollapseWarning, InvalidArgumentError,
+                        SignatureConfig, scan_records)
+from tests.test_signatures_logs import MODE_COLLAPSE, rlan_timeline
+
+
+def _run(guard, records):
+    for step, metrics in records:
+        guard.update(step, metrics)
+        if guard.should_stop:
+            return step
+    return None
+
+
+def test_stop_mode_stops_the_rlan_run_at_epoch_41_after_warning_at_31():
+    guard = CollapseGuard(mode="stop")
+    with pytest.warns(CollapseWarning) as record:
+        stopped = _run(guard, rlan_timeline())
+    assert stopped == 41
+    assert guard.verdict == "collapse"
+    texts = [str(w.message) for w in record]
+    assert any(t.startswith("[warning] lora_norm at step 31") for t in texts), texts
+    assert any("[critical] lora_norm at step 41" in t for t in texts), texts
+
+
+def test_guard_findings_equal_the_vectorised_scan():
+    guard = CollapseGuard(mode="warn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CollapseWarning)
+        _run(guard, rlan_timeline())
+    assert [f.as_json() for f in sorted(guard.findings, key=lambda f: f.sort_key())] == \
+        [f.as_json() for f in scan_records(rlan_timeline())]
+
+
+def test_warn_mode_never_stops():
+    guard = CollapseGuard(mode="warn")
+    with pytest.warns(CollapseWarning, match=r"\[critical\] entropy_spike at step 3"):
+        guard.update(3, {"entropy": 5.2})
+    assert not guard.should_stop and guard.verdict == "collapse"
+
+
+def test_raise_mode_raises_with_findings():
+    guard = CollapseGuard(mode="raise")
+    guard.update(0, {"loss": 1.0})
+    with pytest.raises(CollapseDetected, match=r"non_finite at step 1: loss=nan") as exc:
+        guard.update(1, {"loss": float("nan")})
+    assert [f.signature for f in exc.value.findings] == ["non_finite"]
+
+
+def test_raise_mode_only_warns_below_stop_on():
+    guard = CollapseGuard(mode="raise")
+    with pytest.warns(CollapseWarning, match="lora_norm"):
+        guard.update(0, {"lora_norm": 1.2})  # warning level: no raise
+    guard = CollapseGuard(mode="raise", stop_on="warning")
+    with pytest.raises(CollapseDetected, match="lora_norm"):
+        guard.update(0, {"lora_norm": 1.2})
+
+
+def test_stop_on_warning():
+    guard = CollapseGuard(mode="stop", stop_on="warning")
+    with pytest.warns(CollapseWarning):
+        guard.update(0, {"lora_norm": 1.2})
+    assert guard.should_stop
+
+
+def test_each_finding_reported_once():
+    guard = CollapseGuard()
+    with pytest.warns(CollapseWarning):
+        first = guard.update(0, {"entropy": 3.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = guard.update(1, {"entropy": 4.0})
+    assert len(first) == 1 and again == []
+
+
+def test_tensors_none_and_samples():
+    guard = CollapseGuard()
+    with pytest.warns(CollapseWarning):
+        new = guard.update(0, {"loss": torch.tensor(float("inf")), "grad_norm": None,
+                               "sample": MODE_COLLAPSE})
+    got = sorted((f.signature, f.metric) for f in new)
+    assert got == [("mode_collapse", "sample"), ("non_finite", "grad_norm"), ("non_finite", "loss"),
+                   ("repetition", "sample"), ("seq_repetition", "sample")]
+    assert math.isinf(next(f.value for f in new if f.metric == "loss"))
+
+
+def test_metric_map_and_ignore_unknown():
+    guard = CollapseGuard(metric_map={"loss": "train/loss"}, ignore_unknown=True)
+    guard.update(0, {"train/loss": 1.0, "throughput": 123.0})
+    with pytest.warns(CollapseWarning) as record:
+        new = guard.update(1, {"train/loss": 5.0})
+    assert sorted(f.signature for f in new) == ["divergence", "loss_jump"]
+    assert len(record) == 2
+
+
+def test_config_is_used():
+    guard = CollapseGuard(SignatureConfig(entropy_max=10.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert guard.update(0, {"entropy": 5.2}) == []
+
+
+def test_memory_is_constant_per_metric():
+    guard = CollapseGuard(SignatureConfig(spike_window=50))
+    for i in range(5000):
+        guard.update(i, {"loss": 1.0 + 0.001 * (i % 7), "grad_norm": 1.0, "accuracy": 0.5})
+    sizes = [len(v) for states in guard._scanner._states.values() for st in states
+             for v in (getattr(st, n, None) for n in ("hc", "hq", "buf")) if isinstance(v, list)]
+    assert sizes and max(sizes) <= 51
+
+
+@pytest.mark.parametrize("kwargs, call, match", [
+    ({"mode": "panic"}, None, r"mode='panic': must be one of"),
+    ({"stop_on": "fatal"}, None, r"stop_on='fatal': must be 'warning' or 'critical'"),
+    ({"config": {"entropy_max": 1}}, None, r"config=.*must be a SignatureConfig"),
+    ({"metric_map": {"los": "x"}}, None, r"metric_map='los': keys must be canonical"),
+    ({}, (0, {"lossy": 1.0}), r"metric='lossy': unknown metric; canonical names are"),
+    ({}, (0, {"loss": "high"}), r"metrics\['loss'\]='high': must be a number"),
+    ({}, (0, {"sample": 3}), r"metrics\['sample'\]=3: must be a str"),
+    ({}, (math.nan, {"loss": 1.0}), r"step=nan"),
+    ({}, ("5", {"loss": 1.0}), r"step='5': must be a number"),
+    ({}, (0, [("loss", 1.0)]), r"metrics=.*must be a mapping"),
+], ids=["mode", "stop_on", "config", "map-key", "unknown-metric", "non-numeric", "sample-type",
+        "nan-step", "str-step", "not-mapping"])
+def test_bad_arguments(kwargs, call, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        guard = CollapseGuard(**kwargs)
+        if call is not None:
+            guard.update(*call)
+
+
+def test_step_must_not_go_backwards():
+    guard = CollapseGuard()
+    guard.update(10, {"loss": 1.0})
+    with pytest.raises(InvalidArgumentError, match=r"step=9: must be non-decreasing \(previous step "
+                                                   r"was 10\)"):
+        guard.update(9, {"loss": 1.0})
