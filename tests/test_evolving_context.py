@@ -212,9 +212,9 @@ def test_diagnostics_match_plain_recomputation(dtype, data):
         z_prev, z_new = torch.zeros(2, 3, 8), _z(2, 3, 8)
     else:
         z_prev = data.draw(_SPECS[dtype], label="z_prev").tensor()
-        z_new = data.draw(_SPECS[dtype], label="z_new").tensor()
-        if z_new.shape != z_prev.shape:
-            z_new = z_new.flatten()[:1].expand(z_prev.shape) + z_prev * 0.5
+        b, l, d = z_prev.shape
+        z_new = data.draw(context_specs(batch=b, slots=l, width=d, dtype=dtype),
+                          label="z_new").tensor()
     got = _MODEL.context_diagnostics(z_prev, z_new)
     change, pct = _plain_step_change(z_prev, z_new)
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
