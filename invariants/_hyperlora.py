@@ -745,13 +745,10 @@ def hyperlora_contexts(*, width: Any = 8, min_batch: int = 1, max_batch: int = 4
 
 
 @st.composite
-def _weight_deltas(draw, batch, rows, cols, dtype, norms):
-    b, m, n, dt = draw(batch), draw(rows), draw(cols), draw(dtype)
-    direction = draw(st.one_of(
-        _seeded_gaussian(st.just((b, m, n)), st.just(torch.float64), st.just(1.0)),
-        float_tensors(shape=(b, m, n), dtype=torch.float64, min_magnitude=1e-3,
-                      max_magnitude=1e3, noncontiguous=False)))
-    target = torch.tensor([draw(norms) for _ in range(b)], dtype=torch.float64)
+def _weight_deltas(draw, directions, dtype, norms):
+    direction = draw(directions)                          # (B, m, n) float64
+    dt = draw(dtype)
+    target = torch.tensor([draw(norms) for _ in range(direction.shape[0])], dtype=torch.float64)
     length = torch.linalg.vector_norm(direction, dim=(-2, -1))
     scale = torch.where(length > 0, target / length.clamp_min(1e-300), torch.zeros_like(length))
     return (direction * scale[:, None, None]).to(dt)
@@ -781,8 +778,13 @@ def weight_deltas(*, norms: Any = None, max_norm: float = 1.0, min_batch: int = 
                           st.sampled_from([0.0, 1e-6, 1e4, 1e6]),
                           st.floats(0.0, 10.0 * max_norm))
     dims = st.one_of(st.just(min_side), st.integers(min_side, max_side))
-    return _weight_deltas(st.one_of(st.just(min_batch), st.integers(min_batch, max_batch)),
-                          dims, dims,
+    shapes = st.tuples(st.one_of(st.just(min_batch), st.integers(min_batch, max_batch)),
+                       dims, dims)
+    directions = st.one_of(
+        _seeded_gaussian(shapes, st.just(torch.float64), st.just(1.0)),
+        float_tensors(shape=shapes, dtype=torch.float64, min_magnitude=1e-3,
+                      max_magnitude=1e3, noncontiguous=False))
+    return _weight_deltas(directions,
                           st.sampled_from([torch.float32, torch.float64, torch.bfloat16])
                           if dtype is None else _as_strategy(dtype, "dtype"),
                           _as_strategy(norms, "norms"))

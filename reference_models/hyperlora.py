@@ -368,17 +368,24 @@ def _check_h1(make: Callable[[], HyperLoRAConfig]) -> None:
     predictors = _predictors(cfg)
     tau = 1.0  # SPEC H1: τ = 1.0, whatever cap the config carries
 
+    delta_draws = {dt: weight_deltas(norms=_H1_NORMS, dtype=dt) for dt in _DTYPES}
+    context_draws = {dt: hyperlora_contexts(width=cfg.context_dim, dtype=dt) for dt in _DTYPES}
+
     @given(dtype=st.sampled_from(_DTYPES), data=st.data())
-    def h1(dtype, data):
-        contexts = data.draw(hyperlora_contexts(width=cfg.context_dim, dtype=dtype),
-                             label="contexts")
+    def h1_clamp(dtype, data):                # the config's clamp at norms around τ
+        delta = data.draw(delta_draws[dtype], label="delta")
+        assert_delta_norms_bounded(CLAMPS[cfg.clamp_mode](delta, cfg.hyperlora_max_norm),
+                                   max_norm=tau)
+
+    @given(dtype=st.sampled_from(_DTYPES), data=st.data())
+    def h1_model(dtype, data):                # the predictor end to end, contexts 0..1e6
+        contexts = data.draw(context_draws[dtype], label="contexts")
         assert_predictor_deltas_bounded(predictors[dtype], contexts, max_norm=tau)
-        if cfg.hyperlora_max_norm is not None:   # the clamp itself at norms around τ
-            delta = data.draw(weight_deltas(norms=_H1_NORMS, dtype=dtype), label="delta")
-            assert_delta_norms_bounded(CLAMPS[cfg.clamp_mode](delta, cfg.hyperlora_max_norm),
-                                       max_norm=tau)
+
     with _one_thread():
-        h1()
+        if cfg.hyperlora_max_norm is not None:
+            h1_clamp()
+        h1_model()
 
 
 def _check_h1_seed_float32(make: Callable[[], HyperLoRAConfig]) -> None:
@@ -418,11 +425,13 @@ def _check_h4(make: Callable[[], HyperLoRAConfig]) -> None:
     predictors = {dt: build_solver(cfg, seed=0, dtype=dt).hyperlora
                   for dt in (torch.float32, torch.float64)}
 
+    context_draws = {dt: hyperlora_contexts(width=cfg.context_dim, dtype=dt, max_batch=2,
+                                            min_magnitude=1e2, max_magnitude=1e5)
+                     for dt in predictors}
+
     @given(dtype=st.sampled_from(list(predictors)), data=st.data())
     def h4(dtype, data):
-        contexts = data.draw(hyperlora_contexts(width=cfg.context_dim, dtype=dtype,
-                                                min_magnitude=1e2, max_magnitude=1e5),
-                             label="contexts")
+        contexts = data.draw(context_draws[dtype], label="contexts")
         predictor = predictors[dtype]
         with torch.no_grad():
             assume(bool((frobenius_norms(predictor.raw_deltas(contexts))
