@@ -274,7 +274,7 @@ def train_steps(cfg: HyperLoRAConfig = FIXED, steps: int = 50, seed: int = 0, *,
     Keys: ``loss`` (cross-entropy, without the decay), ``accuracy`` (cells right),
     ``lora_norm`` (mean ‖ΔW_i‖F over samples and gates, after the clamp and the
     governor), ``lora_norm_max``, ``entropy`` (mean prediction entropy, nats),
-    ``nan_batches`` (cumulative count of non-finite losses; such a step is skipped),
+    ``nan_batches`` (1 if this step's loss was non-finite and the step was skipped, else 0),
     ``grad_norm``, ``lr`` (base), ``lr_hyperlora``, ``governor_level`` (0-3),
     ``lora_norm_ema``, ``early_stop`` (0/1). Global RNG state is left untouched.
     With ``stop_on_governor`` the run ends at the governor's first "stop".
@@ -305,7 +305,6 @@ def _train(cfg: HyperLoRAConfig, steps: int, seed: int, stop_on_governor: bool
         opt = torch.optim.Adam(param_groups(model, cfg))
         governor = governor_for(cfg)
         gen = torch.Generator().manual_seed(seed + 1)
-        nan_batches = 0
         for _ in range(steps):
             grid, target, context = make_batch(cfg, gen)
             deltas = governor.clamp(model.hyperlora(context))       # (B, T, H, H)
@@ -313,12 +312,13 @@ def _train(cfg: HyperLoRAConfig, steps: int, seed: int, stop_on_governor: bool
             ce = F.cross_entropy(logits.flatten(0, 1), target.flatten())
             loss = ce + lora_decay_term(deltas, cfg.hyperlora_weight_decay)
             opt.zero_grad(set_to_none=True)
+            nan_batches = 0
             if bool(torch.isfinite(loss)):
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
                 opt.step()
             else:
-                nan_batches += 1
+                nan_batches = 1
                 grad_norm = torch.tensor(float("nan"))
             with torch.no_grad():
                 norms = frobenius_norms(deltas)                      # (B, T) float64

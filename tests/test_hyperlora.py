@@ -18,15 +18,18 @@ from invariants import (InvalidArgumentError, InvariantViolation, NormGovernor,
 from reference_models import hyperlora as ref
 
 F32_EPS = torch.finfo(torch.float32).eps
-# Found by Hypothesis (claim:seed_clamp_float32) and by a grid search: the seed's
-# §2.2 clamp in float32 maps this delta (‖·‖F = 1.1404...) to ‖ΔW‖F = 1.0000000193 > 1.
+# Found by a grid search: the seed's §2.2 clamp in float32 maps this delta
+# (‖·‖F = 1.1364...) to ‖ΔW‖F = 1.0000000193 > 1.
 SEED_OVERSHOOT = torch.tensor([[[0.54, 1.0]]], dtype=torch.float32)
+# Found by Hypothesis (catalog row claim:seed_clamp_float32): ‖ΔW‖F = 1.0000000363 after the clamp.
+SEED_OVERSHOOT_HUGE = torch.tensor([[[982349.625, -187054.1875]]], dtype=torch.float32)
 
 
 # ----------------------------------------------------------- H1 dtype contract
 def test_seed_float32_clamp_overshoots_tau():
     """The seed's exact code can leave ‖ΔW‖F above τ in float32 (SPEC note on H1)."""
     @example(delta=SEED_OVERSHOOT)
+    @example(delta=SEED_OVERSHOOT_HUGE)
     @given(delta=weight_deltas(dtype=torch.float32))
     def seed_meets_exact_bound(delta):
         assert_delta_norms_bounded(ref.seed_clamp(delta, 1.0), max_norm=1.0)
@@ -36,11 +39,15 @@ def test_seed_float32_clamp_overshoots_tau():
         seed_meets_exact_bound()
     assert float(frobenius_norms(ref.seed_clamp(SEED_OVERSHOOT))) == pytest.approx(
         1.0000000193, abs=1e-10)
+    assert float(frobenius_norms(ref.seed_clamp(SEED_OVERSHOOT_HUGE))) == pytest.approx(
+        1.0000000363, abs=1e-10)
     assert float(frobenius_norms(clamp_frobenius(SEED_OVERSHOOT))) <= 1.0
+    assert float(frobenius_norms(clamp_frobenius(SEED_OVERSHOOT_HUGE))) <= 1.0
 
 
 @given(delta=weight_deltas(dtype=st.sampled_from([torch.float32, torch.bfloat16])))
 @example(delta=SEED_OVERSHOOT)
+@example(delta=SEED_OVERSHOOT_HUGE)
 def test_seed_clamp_stays_within_two_eps(delta):
     """What the seed's formula does meet in our search: τ·(1 + 2·eps(dtype)) (not a proof)."""
     assert_delta_norms_bounded(ref.seed_clamp(delta, 1.0), max_norm=1.0, eps_multiple=2)
