@@ -129,9 +129,11 @@ def assert_context_update_smoothed(step: Callable[[torch.Tensor, torch.Tensor], 
     require_in_unit_interval("ema_decay", ema_decay)
     _require_context("z_prev", z_prev)
     _require_context("demos", demos)
+    leaf = _leaf(z_prev)
     with torch.enable_grad():
-        z = _tensor_out("step(z_prev, demos)", _call("step", step, _leaf(z_prev), demos), z_prev)
-    if z.requires_grad or z.grad_fn is not None:
+        z = _tensor_out("step(z_prev, demos)", _call("step", step, leaf, demos), z_prev)
+    # returning the input itself (a frozen context, β = 1) grows no graph either
+    if z is not leaf and (z.requires_grad or z.grad_fn is not None):
         fail("the new carry to be detached (no autograd graph grows across ACT steps)",
              f"step(z_prev, demos) returned a tensor with requires_grad={z.requires_grad}, "
              f"grad_fn={type(z.grad_fn).__name__ if z.grad_fn is not None else None}",

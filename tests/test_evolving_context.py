@@ -319,9 +319,26 @@ def test_e1_on_a_hand_written_step_and_its_bugs():
                        match=r"‖z − z_prev‖ / ‖z_raw − z_prev‖ = 1, expected 0\.1"):
         assert_context_update_smoothed(lambda a, b: _user_raw(a, b).detach(), _user_raw, z,
                                        demos, ema_decay=0.9)
+    # a frozen context (β = 1) may return its input unchanged: no graph grows
+    assert_context_update_smoothed(lambda a, b: a, _user_raw, z, demos, ema_decay=1.0)
     with pytest.raises(InvariantViolation, match=r"requires_grad=True"):
         assert_context_update_smoothed(lambda a, b: 0.9 * a + 0.1 * _user_raw(a, b), _user_raw,
                                        z, demos, ema_decay=0.9)
+
+
+_E1_SPECS = context_specs(dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+
+
+@given(beta=unit_fractions(), spec=_E1_SPECS)
+@example(beta=1.0, spec=ContextSpec((1, 1, 8), torch.float32, "gaussian", 1e4, 0))
+@example(beta=0.0, spec=ContextSpec((1, 1, 8), torch.bfloat16, "gaussian", 1e-4, 0))
+def test_e1_hand_written_ema_holds_for_every_beta_dtype_and_scale(beta, spec):
+    z = spec.tensor()
+    demos = z[:, :1].flip(-1)  # (B, 1, D), same dtype and batch
+
+    def step(a, b):
+        return (beta * a.detach() + (1.0 - beta) * _user_raw(a, b)).detach()
+    assert_context_update_smoothed(step, _user_raw, z, demos, ema_decay=beta)
 
 
 def test_e2_hint_names_alpha_one():
