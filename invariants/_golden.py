@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from invariants._assertions import invariant_check
 from invariants._errors import InvalidArgumentError, InvariantViolation, require
 
 __all__ = [
@@ -365,6 +366,7 @@ def _plot(path: Path, run: str, obtained: Curves, golden: Mapping[str, Any],
     return path
 
 
+@invariant_check("golden")
 def assert_matches_golden(run: GoldenRun, golden_dir: Path, *, device: torch.device | str = "cpu",
                           output_dir: Path, curves: Curves | None = None,
                           ci: bool | None = None) -> Curves:
