@@ -391,7 +391,7 @@ def write_plot(data: LogData, findings: Sequence[Finding], out: str | os.PathLik
     if text_findings:
         fig.text(0.01, 0.005, "\n".join(f"{f.signature} @ {f.step}: {f.message}"[:140]
                                         for f in text_findings[:3]), fontsize=7, va="bottom")
-    fig.tight_layout(rect=(0, 0.04 if text_findings else 0, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.025 * min(len(text_findings), 3) + 0.01 if text_findings else 0, 1, 0.97))
     directory = os.path.dirname(os.path.abspath(out))
     fd, tmp = tempfile.mkstemp(prefix=".scan-", suffix=".png", dir=directory)
     try:
