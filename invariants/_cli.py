@@ -65,7 +65,9 @@ def _first(text: str | None, limit: int = 300) -> str:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    import torch
     profile = load_profile()
+    torch.set_num_threads(args.threads)
     cases = load_catalog(args.catalog)
     if args.system:
         systems = sorted({c.system for c in cases})
@@ -107,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--system", help="only this system")
     check.add_argument("--invariant", help="only this SPEC id (e.g. L1)")
     check.add_argument("--json", action="store_true", help="print the JSON contract instead")
+    check.add_argument("--threads", type=int, default=1,
+                       help="torch intra-op threads (default 1: the reference models are tiny)")
     check.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     check.set_defaults(func=_cmd_check)
     for name in _SUBCOMMANDS:
