@@ -1243,9 +1243,9 @@ class StreamingScanner:
 
     def update(self, step: float, metrics: Mapping[str, Any]) -> list[Finding]:
         if step.__class__ is not int and step.__class__ is not float:
-            require(isinstance(step, (int, float)) and not isinstance(step, bool), "step", step,
-                    "must be a number")
-            step = float(step)
+            require(not isinstance(step, (bool, str, bytes)) and hasattr(step, "__float__"),
+                    "step", step, "must be a number")
+            step = float(step)  # numpy scalars, 0-d tensors
         require(step >= self._step, "step", step,
                 f"must be non-decreasing (previous step was {self._step}); finite")
         require(step < math.inf, "step", step, "must be finite")

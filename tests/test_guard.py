@@ -99,6 +99,14 @@ def test_metric_map_and_ignore_unknown():
     assert len(record) == 2
 
 
+def test_numpy_and_tensor_steps():
+    import numpy as np
+    guard = CollapseGuard()
+    guard.update(np.int64(1), {"loss": 1.0})
+    guard.update(torch.tensor(2), {"loss": 1.0})
+    assert guard.findings == []
+
+
 def test_config_is_used():
     guard = CollapseGuard(SignatureConfig(entropy_max=10.0))
     with warnings.catch_warnings():
