@@ -186,7 +186,7 @@ class SignatureConfig:
     # accuracy drop > 5% (relative) from its best (seed 000 §4), on the smoothed series
     accuracy_drop: float = 0.05
     noise_k: float = 6.0  # ours: a drop must also exceed 6x the series' relative point noise ...
-    noise_min_pairs: int = 10  # ... estimated from at least 10 point-to-point changes (ours)
+    noise_min_pairs: int = 20  # ... estimated from at least 20 point-to-point changes (ours)
     # background collapse >= 0.99 all-BG or <= 0.01 all-FG while targets lie between (seed 001)
     bg_high: float = 0.99
     bg_low: float = 0.01
