@@ -136,6 +136,8 @@ def _run(call: Callable[[], Any], targets: dict[int, torch.Tensor], seed: int) -
         return hook
 
     saved_grads = {key: t.grad for key, t in targets.items() if t.is_leaf}
+    for key in saved_grads:  # backward accumulates in place: park the caller's grads
+        targets[key].grad = None
     handles = [t.register_hook(hook_for(key)) for key, t in targets.items() if t.requires_grad]
     try:
         with torch.random.fork_rng(devices=[]):

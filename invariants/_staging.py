@@ -220,16 +220,19 @@ def _snapshot(read: Callable[[], Mapping[str, torch.Tensor]]) -> dict[str, torch
 def assert_weight_ema_tracks_weights(model: nn.Module, update: Callable[[], Any],
                                      read: Callable[[], Mapping[str, torch.Tensor]],
                                      history: Sequence[Mapping[str, torch.Tensor]], *,
-                                     decay: float) -> None:
+                                     decay: float | None) -> None:
     """Assert the EMA follows ema_t = d·ema_{t-1} + (1−d)·w_t through a weight history.
 
     The check writes each ``history[t]`` into ``model``'s parameters (by name,
     under ``no_grad``), calls ``update()`` as a training loop would after an
     optimizer step, and reads the EMA with ``read()``.  At every step it checks,
-    in this order: the recursion (dtype-table tolerance), that the EMA stays in
-    the convex hull of {ema_0, w_1..w_t} elementwise, and — when every w_t equals
-    ema_0 — that the EMA of that constant stays the constant.  The model's
-    parameters are restored afterwards.
+    in this order: the recursion (dtype-table tolerance; skipped when ``decay``
+    is None), when every w_t so far equals ema_0 that the EMA of that constant
+    stays the constant, and that the EMA stays in the convex hull of
+    {ema_0, w_1..w_t} elementwise.  The last two hold for any decay schedule in
+    [0, 1] (warm-up, a first update that copies), so ``decay=None`` checks an
+    EMA whose per-step decay is not a constant.  The model's parameters are
+    restored afterwards.
 
     Args:
       model: the live model the EMA shadows.
@@ -237,7 +240,7 @@ def assert_weight_ema_tracks_weights(model: nn.Module, update: Callable[[], Any]
       read: zero-argument callable returning name -> EMA tensor for the
         parameters named in ``history`` (more names are ignored).
       history: weights after each optimizer step, name -> tensor.
-      decay: d in [0, 1].
+      decay: d in [0, 1], or None for "some decay in [0, 1] per step".
 
     Raises:
       InvariantViolation: naming the step, the parameter, the worst element.
@@ -248,7 +251,8 @@ def assert_weight_ema_tracks_weights(model: nn.Module, update: Callable[[], Any]
     require(isinstance(model, nn.Module), "model", model, "must be an nn.Module")
     require(callable(update), "update", update, "must be a zero-argument callable")
     require(callable(read), "read", read, "must be a zero-argument callable")
-    require_in_unit_interval("decay", decay)
+    if decay is not None:
+        require_in_unit_interval("decay", decay)
     require(isinstance(history, Sequence) and len(history) > 0, "history", history,
             "must be a non-empty sequence of name -> tensor mappings")
     params = dict(model.named_parameters())
@@ -282,14 +286,21 @@ def assert_weight_ema_tracks_weights(model: nn.Module, update: Callable[[], Any]
                 w = params[name].detach().double()
                 got = now[name]
                 tol = tolerance_for(got.dtype)
-                expected = decay * prev[name].double() + (1 - decay) * w
-                report = compare_tensors(got, expected.to(got.dtype), tol,
-                                         what=f"ema[{name!r}] after update {t}")
-                if report:
-                    fail(f"ema_t = d·ema_(t-1) + (1-d)·w_t with d={decay:g}",
-                         f"step {t}: {report}",
-                         hint="is the EMA update actually called (use_ema claimed on but the "
-                              "update disabled?), and does it use this decay?")
+                if decay is not None:
+                    expected = decay * prev[name].double() + (1 - decay) * w
+                    report = compare_tensors(got, expected.to(got.dtype), tol,
+                                             what=f"ema[{name!r}] after update {t}")
+                    if report:
+                        fail(f"ema_t = d·ema_(t-1) + (1-d)·w_t with d={decay:g}",
+                             f"step {t}: {report}",
+                             hint="is the EMA update actually called (use_ema claimed on but "
+                                  "the update disabled?), and does it use this decay?")
+                constant = constant and bool(torch.equal(w, ema0[name]))
+                if constant:
+                    report = compare_tensors(got, ema0[name].to(got.dtype), tol,
+                                             what=f"ema[{name!r}] of a constant, step {t}")
+                    if report:
+                        fail("the EMA of a constant to stay that constant", report)
                 lo[name] = torch.minimum(lo[name], w)
                 hi[name] = torch.maximum(hi[name], w)
                 g = got.double()
@@ -301,13 +312,8 @@ def assert_weight_ema_tracks_weights(model: nn.Module, update: Callable[[], Any]
                         if g.dim() else ()
                     fail("the EMA to stay in the convex hull of its history (ema_0, w_1..w_t)",
                          f"step {t}: ema[{name!r}]{list(idx)} = {float(g[idx]):.6g} outside "
-                         f"[{float(lo[name][idx]):.6g}, {float(hi[name][idx]):.6g}]")
-                constant = constant and bool(torch.equal(w, ema0[name]))
-                if constant:
-                    report = compare_tensors(got, ema0[name].to(got.dtype), tol,
-                                             what=f"ema[{name!r}] of a constant, step {t}")
-                    if report:
-                        fail("the EMA of a constant to stay that constant", report)
+                         f"[{float(lo[name][idx]):.6g}, {float(hi[name][idx]):.6g}] "
+                         f"({int(outside.sum())} of {g.numel()} elements outside)")
             prev = now
     finally:
         with torch.no_grad():

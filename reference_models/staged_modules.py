@@ -362,8 +362,8 @@ def make_batch(cfg: StagedModulesConfig, batch: int, generator: torch.Generator,
 
 
 def train_epochs(cfg: StagedModulesConfig, epochs: int, seed: int, *,
-                 batches_per_epoch: int = 4, batch_size: int = 16,
-                 lr: float = 3e-3) -> dict[str, list[float]]:
+                 batches_per_epoch: int = 8, batch_size: int = 16,
+                 lr: float = 1e-2) -> dict[str, list[float]]:
     """A short deterministic training run; per-epoch metric lists.
 
     Keys: ``loss`` (mean train CE), ``accuracy``, ``bg_fraction`` (share of
@@ -371,7 +371,8 @@ def train_epochs(cfg: StagedModulesConfig, epochs: int, seed: int, *,
     cells), ``lora_norm`` (mean ‖ΔW‖F of the applied deltas, 0 while gated),
     and with ``use_ema`` also ``ema_accuracy``/``ema_bg_fraction`` — all measured
     on a fixed held-out set at the end of each epoch. Seeds its own generators;
-    restores the global RNG state.
+    restores the global RNG state. About 0.03 s per epoch on one CPU core after
+    torch's one-off warm-up (the first backward of a process costs ~2 s).
     """
     require(isinstance(epochs, int) and epochs >= 1, "epochs", epochs, "must be an integer >= 1")
     require(isinstance(seed, int), "seed", seed, "must be an integer")
@@ -412,7 +413,7 @@ def train_epochs(cfg: StagedModulesConfig, epochs: int, seed: int, *,
                 opt.step()
                 if ema is not None:
                     ema.update(model)
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
             acc, bg, fg_acc = evaluate(model, epoch)
             metrics["loss"].append(sum(losses) / len(losses))
             metrics["accuracy"].append(acc)
