@@ -510,6 +510,32 @@ class _LossJumpState(_State):
         return None
 
 
+_EPS = float(np.finfo(np.float64).eps)
+
+
+def _linear_recurrence(u: np.ndarray, a: float) -> tuple[np.ndarray, float]:
+    """``y_i = a y_{i-1} + u_i`` (``y_0 = u_0``) in blocks; returns ``(y, bound)`` where
+    ``|y - exact| <= bound``: a loose bound on the rounding error (a within-block cumsum
+    of at most B terms magnified by at most ``a^-B``, carried with factor ``a^B``)."""
+    n = len(u)
+    B = int(max(1, min(256, math.floor(math.log(1e6) / -math.log(a)))))
+    nb = -(-n // B)
+    U = np.zeros(nb * B)
+    U[:n] = u
+    U = U.reshape(nb, B)
+    j = np.arange(B, dtype=np.float64)
+    up = a ** -j                  # (B,) a^-j  <= 1e6
+    down = a ** j                 # (B,) a^j
+    Z = np.cumsum(U * up, axis=1) * down          # (nb, B) zero carry-in
+    aB = a ** B
+    ends = Z[:, -1].tolist()
+    carry = list(itertools.accumulate(ends, lambda c, e: aB * c + e))  # y at each block end
+    prev = np.concatenate(([0.0], carry[:-1]))    # (nb,) carry into each block
+    Y = Z + prev[:, None] * (a * down)[None, :]
+    bound = 8.0 * B * _EPS * float(up[-1]) / (1.0 - aB)
+    return Y.reshape(-1)[:n], bound * float(np.max(np.abs(u)))
+
+
 class GradNormSpike(Detector):
     """ZClip z-score: ``z = (g_i - mu_{i-1}) / sigma_{i-1} > z_thr`` after the warm-up.
 
@@ -533,6 +559,8 @@ class GradNormSpike(Detector):
             return []
         a = cfg.zclip_alpha
         b = 1.0 - a
+        if not self._may_fire(x, a, b):
+            return []
         xs = x.tolist()
         mu = np.array(list(itertools.accumulate(xs, lambda m, g: a * m + b * g)))
         d = x - mu
@@ -544,6 +572,39 @@ class GradNormSpike(Detector):
         i = np.arange(1, n)
         j = _first((i >= cfg.zclip_warmup) & (x[1:] > thr))
         return [self._f(view.step[j + 1], x[j + 1], thr[j], mp[j], sd_eff[j])] if j >= 0 else []
+
+    def _may_fire(self, x: np.ndarray, a: float, b: float) -> bool:
+        """Fast screen: False only if no point can exceed the exact threshold.
+
+        The EMAs are computed in blocks with numpy (closed form inside a block, carries
+        between blocks); their rounding error is bounded and the threshold is lowered by a
+        generous multiple of that bound.  If nothing comes within it, the exact sequential
+        recursion (bit-identical to the streaming driver) would find nothing either; if
+        something does, the caller runs the exact recursion.
+        """
+        cfg = self.cfg
+        M = float(np.max(np.abs(x)))
+        if not M < 1e150:
+            return True
+        u = b * x
+        u[0] = x[0]
+        mu, err = _linear_recurrence(u, a)
+        tol_mu = 100.0 * err + 1e3 * _EPS * M / b  # + the sequential recursion's own rounding
+        d = x - mu
+        v = b * (d * d)
+        v[0] = 0.0
+        var, err_v = _linear_recurrence(v, a)
+        D = 2.0 * M + tol_mu
+        # an error e in mu moves b*d^2 by at most b*(2De + e^2) per step; summed with weight a^k
+        tol_var = 100.0 * err_v + 1e3 * _EPS * D * D + 2.0 * D * tol_mu + tol_mu * tol_mu
+        tol_thr = tol_mu * (1.0 + cfg.zclip_z * cfg.zclip_sigma_floor) + \
+            cfg.zclip_z * math.sqrt(tol_var)
+        mp, vp = mu[:-1], var[:-1]
+        sd_eff = np.maximum(np.sqrt(np.maximum(vp, 0.0)), cfg.zclip_sigma_floor * np.abs(mp))
+        thr = mp + cfg.zclip_z * sd_eff
+        cand = x[1:] > thr - tol_thr
+        cand[: max(cfg.zclip_warmup - 1, 0)] = False
+        return bool(cand.any())
 
     def stream(self):
         return _GradNormSpikeState(self)

@@ -314,3 +314,43 @@ def test_bad_config(kwargs, match):
 def test_bad_arguments(call, match):
     with pytest.raises(InvalidArgumentError, match=match):
         call()
+
+
+# --------------------------------------------------------------------------- ZClip fast screen
+def _exact_zclip(x, cfg):
+    """The ZClip recursion, sequentially (what both drivers compute)."""
+    a, b = cfg.zclip_alpha, 1.0 - cfg.zclip_alpha
+    mu, var, thr = x[0], 0.0, []
+    for g in x[1:]:
+        sd = max(math.sqrt(var), cfg.zclip_sigma_floor * abs(mu))
+        thr.append(mu + cfg.zclip_z * sd)
+        m2 = a * mu + b * g
+        var = a * var + b * ((g - m2) * (g - m2))
+        mu = m2
+    return thr
+
+
+@given(seed=st.integers(0, 2**16), scale=st.sampled_from([1e-6, 1.0, 1e4]),
+       noise=st.sampled_from([0.0, 0.01, 0.3]), nudge=st.sampled_from([-1e-12, 0.0, 1e-12, 1e-6]),
+       alpha=st.sampled_from([0.5, 0.9, 0.97, 0.999]))
+def test_zclip_fast_screen_never_hides_an_exact_spike(seed, scale, noise, nudge, alpha):
+    """The vectorised grad-norm detector skips the exact recursion when a blocked numpy EMA
+    shows no point near the threshold.  Put a point exactly at / a hair above the exact
+    threshold and check the screen lets it through."""
+    from invariants._signatures import GradNormSpike
+    cfg = SignatureConfig(zclip_alpha=alpha)
+    rng = np.random.default_rng(seed)
+    n = 3000
+    x = scale * (1.0 + noise * rng.standard_normal(n)) ** 2
+    thr = _exact_zclip(x, cfg)
+    k = int(rng.integers(cfg.zclip_warmup, n - 1))
+    x[k + 1] = thr[k] * (1.0 + nudge) if nudge else np.nextafter(thr[k], np.inf)
+    det = GradNormSpike("grad_norm", cfg)
+    a = cfg.zclip_alpha
+    exact_fires = any(x[i + 1] > t for i, t in enumerate(thr) if i + 1 >= cfg.zclip_warmup)
+    if exact_fires:
+        assert det._may_fire(x.copy(), a, 1.0 - a)
+    steps = np.arange(n)
+    got = scan_series({"grad_norm": (steps, x)}, cfg)
+    assert [(f.step, f.value, f.threshold) for f in got] == [
+        (f.step, f.value, f.threshold) for f in _stream(records_of({"grad_norm": (steps, x)}), cfg)]
