@@ -227,12 +227,41 @@ def _read_tensorboard(path: str, b: _Builder) -> None:
     from tensorboard.backend.event_processing import event_accumulator as ea
     from tensorboard.util import tensor_util
 
+    import logging
+
+    from tensorboard.backend.event_processing import event_file_loader as efl
+
+    class _Truncations(logging.Handler):
+        """The reader stops quietly at a truncated or corrupt record (it is built to tail
+        live files) and only logs it at DEBUG; a finished log that stops early is bad input."""
+
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.seen: list[str] = []
+
+        def emit(self, record):
+            msg = record.getMessage()
+            if "Truncated record" in msg or "corrupt" in msg.lower():
+                self.seen.append(msg)
+
     acc = ea.EventAccumulator(path, size_guidance={ea.SCALARS: 0, ea.TENSORS: 0})
+    watcher = _Truncations()
+    log = efl.logger
+    old_level, old_prop = log.level, log.propagate
+    log.addHandler(watcher)
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
     try:
         acc.Reload()
     except Exception as exc:  # the reader raises several types on corrupt files
         raise _err(path, None, f"not a readable TensorBoard event file ({type(exc).__name__}: "
                                f"{exc})") from None
+    finally:
+        log.removeHandler(watcher)
+        log.setLevel(old_level)
+        log.propagate = old_prop
+    if watcher.seen:
+        raise _err(path, None, f"truncated or corrupt TensorBoard event file: {watcher.seen[0]}")
     by_step: dict[float, dict[str, Any]] = {}
     tags = acc.Tags()
     for tag in tags.get(ea.SCALARS, []):
@@ -418,6 +447,15 @@ def _parse_map(items: Sequence[str] | None) -> dict[str, str]:
     return mapping
 
 
+def _print(text: str) -> None:
+    """print, tolerating a reader that went away (``invariants scan ... | head``)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 def _cmd_scan(args: argparse.Namespace) -> int:
     mapping = _parse_map(args.map)
     if args.plot:
@@ -427,14 +465,14 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     data, findings = scan_file(args.path, args.format, mapping)
     verdict = verdict_of(findings)
     if args.json:
-        print(json.dumps({"verdict": verdict, "findings": [f.as_json() for f in findings]},
-                         indent=2, allow_nan=False))
+        _print(json.dumps({"verdict": verdict, "findings": [f.as_json() for f in findings]},
+                          indent=2, allow_nan=False))
     else:
-        print(render_report(data, findings))
+        _print(render_report(data, findings))
     if args.plot:
         write_plot(data, findings, args.plot)
         if not args.json:
-            print(f"plot written to {args.plot}")
+            _print(f"plot written to {args.plot}")
     return 1 if verdict == "collapse" else 0
 
 

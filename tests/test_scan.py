@@ -223,6 +223,16 @@ def test_bad_input_exits_2_naming_file_and_line(name, filename, content, extra, 
     assert re.search(match, err), err
 
 
+def test_truncated_tensorboard_file_exits_2(tmp_path, capsys):
+    _tensorboard(tmp_path / "tb", rlan_timeline())
+    (event,) = (tmp_path / "tb").iterdir()
+    cut = tmp_path / "cut.tfevents.1"
+    cut.write_bytes(event.read_bytes()[:-7])  # the writer was killed mid-record
+    code, out, err = _run(capsys, cut)
+    assert code == 2 and out == ""
+    assert "cut.tfevents.1: truncated or corrupt TensorBoard event file" in err
+
+
 @pytest.mark.parametrize("argv", [["--format", "xml"], ["--bogus"], []], ids=["format", "flag", "no-path"])
 def test_bad_usage_exits_2(argv, tmp_path, capsys):
     path = tmp_path / "a.jsonl"
