@@ -201,8 +201,9 @@ def assert_checkpoint_gradient_equivalent(step: Callable[..., Any], args: tuple 
       step: any callable; an ``nn.Module`` or a bound method of one names its
         parameters ``step.<name>`` in messages.
       args, kwargs: the step's arguments; any structure of tensors, ``None``,
-        dicts, lists and tuples. Tensors upstream graphs are kept
-        (``retain_graph=True``), so the same arguments can be reused.
+        dicts, lists and tuples. The arguments' upstream graphs are kept
+        (``retain_graph=True``), so the same arguments can be reused; the
+        callers' ``.grad`` fields are left as they were.
       use_reentrant: the ``torch.utils.checkpoint.checkpoint`` mode to test
         (required when ``checkpoint`` is not given; passed on when it is).
       checkpoint: a callable with torch's convention ``checkpoint(fn, *args,
