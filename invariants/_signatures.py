@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -60,6 +60,8 @@ NUMERIC_METRICS = (
 TEXT_METRICS = ("sample",)
 CANONICAL_METRICS = NUMERIC_METRICS + TEXT_METRICS
 SEVERITIES = ("warning", "critical")
+_NONFINITE_TEXT = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity",
+                   "-infinity"}
 SMOOTHED_LOSS = "loss~smoothed"  # internal: the smoothed training loss other detectors read
 _SEVERITY_RANK = {"warning": 0, "critical": 1}
 
@@ -1327,6 +1329,9 @@ class StreamingScanner:
                 x = raw
             else:
                 try:
+                    if isinstance(raw, (bool, str, bytes)) and not (
+                            isinstance(raw, str) and raw.strip().lower() in _NONFINITE_TEXT):
+                        raise TypeError
                     x = float(raw)
                 except (TypeError, ValueError):
                     _check_metric(name)

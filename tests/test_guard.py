@@ -131,10 +131,13 @@ def test_memory_is_constant_per_metric():
     ({}, (0, {"lossy": 1.0}), r"metric='lossy': unknown metric; canonical names are"),
     ({}, (0, {"loss": "high"}), r"metrics\['loss'\]='high': must be a number"),
     ({}, (0, {"sample": 3}), r"metrics\['sample'\]=3: must be a str"),
+    ({}, (0, {"loss": True}), r"metrics\['loss'\]=True: must be a number"),
+    ({}, (0, {"loss": "0.5"}), r"metrics\['loss'\]='0.5': must be a number"),
     ({}, (math.nan, {"loss": 1.0}), r"step=nan"),
     ({}, ("5", {"loss": 1.0}), r"step='5': must be a number"),
     ({}, (0, [("loss", 1.0)]), r"metrics=.*must be a mapping"),
 ], ids=["mode", "stop_on", "config", "map-key", "unknown-metric", "non-numeric", "sample-type",
+        "bool", "numeric-str",
         "nan-step", "str-step", "not-mapping"])
 def test_bad_arguments(kwargs, call, match):
     with pytest.raises(InvalidArgumentError, match=match):
