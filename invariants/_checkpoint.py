@@ -90,7 +90,9 @@ def _named_params(step: Callable, params: Any) -> list[tuple[str, torch.Tensor]]
     owner = step if isinstance(step, nn.Module) else getattr(step, "__self__", None)
     if isinstance(owner, nn.Module):
         named += [(f"step.{n}", p) for n, p in owner.named_parameters()]
-    if isinstance(params, nn.Module):
+    if isinstance(params, torch.Tensor):
+        named.append(("params", params))
+    elif isinstance(params, nn.Module):
         named += [(f"params.{n}", p) for n, p in params.named_parameters()]
     elif isinstance(params, Mapping):
         named += [(f"params[{k!r}]", p) for k, p in params.items()]

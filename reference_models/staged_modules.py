@@ -254,7 +254,12 @@ class StagedSolver(nn.Module):
     def solver_step(self, x: torch.Tensor, h: torch.Tensor | None,
                     lora_deltas: dict[str, torch.Tensor], support: torch.Tensor | None
                     ) -> torch.Tensor:
-        """One GRU-style solver step; the function the seed wraps in checkpoint()."""
+        """One GRU-style solver step; the function the seed wraps in checkpoint().
+
+        It reads the staging flags from ``self.flags``: under checkpointing the
+        step is recomputed during backward, so the flags must not change between
+        a forward and its backward (set_epoch is called between epochs only).
+        """
         # x (B, N, D); h (B, N, D) or None on the first step; deltas {} or {name: (B, D, D)}
         if h is None:
             h = torch.zeros_like(x)

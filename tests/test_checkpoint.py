@@ -130,6 +130,16 @@ def test_check_catches_torch_reentrant_first_step():
     assert "Use use_reentrant=False" in text
 
 
+def test_check_names_a_single_tensor_passed_as_params():
+    solver, hyper, x, deltas = _first_step()
+    w = hyper.a["input"].weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with pytest.raises(InvariantViolation, match=r"get None with it: .*params[,;]"):
+            assert_checkpoint_gradient_equivalent(solver, (x, None, deltas),
+                                                  use_reentrant=True, params=w)
+
+
 def test_check_leaves_callers_grads_untouched():
     solver, hyper, x, deltas = _first_step()
     solver.lin.weight.grad = torch.full_like(solver.lin.weight, 7.0)
@@ -214,7 +224,7 @@ def _materialise(layout, seed, dtype=torch.float32):
 
 @settings(max_examples=40)
 @given(layout=argument_layouts(), seed=st.integers(0, 100),
-       dtype=st.sampled_from([torch.float32, torch.float64]))
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
 @example(layout=ArgumentLayout(1, 1, "const", None, {}), seed=0, dtype=torch.float32)
 @example(layout=ArgumentLayout(2, 3, "grad", "upstream", {"w": {"b": {"ih": "upstream"}}},
                                ("h", "deltas")), seed=1, dtype=torch.float64)
