@@ -405,21 +405,31 @@ class LossSpike(Detector):
         cfg = self.cfg
         if n <= cfg.spike_min_periods:
             return []
+        p, w = cfg.spike_min_periods, cfg.spike_window
         v = x - x[0]
-        C = np.concatenate(([0.0], np.cumsum(v)))
-        Q = np.concatenate(([0.0], np.cumsum(v * v)))
-        i = np.arange(n)
-        lo = np.maximum(i - cfg.spike_window, 0)
-        m = (i - lo).astype(np.float64)
-        m[0] = 1.0
-        mean = (C[i] - C[lo]) / m
-        var = (Q[i] - Q[lo]) / m - mean * mean
+        C = np.cumsum(v)   # C[i - 1] = sum of v[0 .. i-1]
+        Q = np.cumsum(v * v)
+        # window of point i (i >= p): points lo .. i-1 with lo = max(i - w, 0); the sums are
+        # C[i-1] - C[lo-1] (C[-1] = 0), slices rather than gathers
+        k = n - p
+        s = min(max(w - p, 0), k)  # points with i < w: lo = 0
+        Ci, Qi = C[p - 1:n - 1], Q[p - 1:n - 1]
+        Clo, Qlo = np.zeros(k), np.zeros(k)
+        m = np.full(k, float(w))
+        m[:s] = np.arange(p, p + s)
+        if k > s:
+            Clo[s:] = C[p + s - w - 1:n - w - 1] if p + s - w - 1 >= 0 else \
+                np.concatenate(([0.0], C[:n - w - 1]))
+            Qlo[s:] = Q[p + s - w - 1:n - w - 1] if p + s - w - 1 >= 0 else \
+                np.concatenate(([0.0], Q[:n - w - 1]))
+        mean = (Ci - Clo) / m
+        var = (Qi - Qlo) / m - mean * mean
         sd = np.sqrt(np.maximum(var, 0.0))
         mu = mean + x[0]
         sd_eff = np.maximum(sd, cfg.spike_sigma_floor * np.abs(mu))
         thr = mu + cfg.spike_k * sd_eff
-        j = _first((i >= cfg.spike_min_periods) & (x >= thr))
-        return [self._f(view.step[j], x[j], thr[j], mu[j], sd_eff[j])] if j >= 0 else []
+        j = _first(x[p:] >= thr)
+        return [self._f(view.step[p + j], x[p + j], thr[j], mu[j], sd_eff[j])] if j >= 0 else []
 
     def stream(self):
         return _LossSpikeState(self)
@@ -659,13 +669,12 @@ def _smoothed(x: np.ndarray, w: int, expanding: bool = False) -> np.ndarray:
     s = x.copy()
     if n == 0:
         return s
-    V = np.concatenate(([0.0], np.cumsum(x - x[0])))
+    V = np.concatenate(([0.0], np.cumsum(x - x[0])))  # V[c] = sum of the first c points
     if expanding:
-        c = np.arange(1, min(n, w - 1) + 1)
-        s[: len(c)] = x[0] + V[c] / c.astype(np.float64)
-    if n >= w:
-        c = np.arange(w, n + 1)  # counts >= w
-        s[w - 1:] = x[0] + (V[c] - V[c - w]) / float(w)
+        L = min(n, w - 1)
+        s[:L] = x[0] + V[1:L + 1] / np.arange(1, L + 1, dtype=np.float64)
+    if n >= w:  # counts c = w .. n
+        s[w - 1:] = x[0] + (V[w:n + 1] - V[0:n + 1 - w]) / float(w)
     return s
 
 
@@ -677,13 +686,15 @@ def _noise(x: np.ndarray, w: int) -> np.ndarray:
     if n > 1:
         r[1:] = np.abs(x[1:] - x[:-1]) / np.maximum(np.abs(x[:-1]), 1e-12)
     R = np.cumsum(r)  # R[j] = r_1 + ... + r_j
-    i = np.arange(n)
-    hi = i - 1
-    lo = np.maximum(hi - w, 0)  # pairs lo+1 .. hi
-    cnt = (hi - lo).astype(np.float64)
     nu = np.zeros(n)
-    ok = cnt > 0
-    nu[ok] = (R[hi[ok]] - R[lo[ok]]) / cnt[ok]
+    if n > 2:
+        # point i >= 2: pairs lo+1 .. hi with hi = i - 1, lo = max(hi - w, 0)
+        hi = np.arange(1, n - 1)
+        s = min(w, n - 2)             # hi <= w: lo = 0 (R[0] = 0)
+        Rlo = np.zeros(n - 2)
+        Rlo[s:] = R[1:n - 1 - s]    # hi > w: lo = hi - w = 1, 2, ...
+        cnt = np.minimum(hi, w).astype(np.float64)
+        nu[2:] = (R[1:n - 1] - Rlo) / cnt
     return nu
 
 

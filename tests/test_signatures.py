@@ -247,6 +247,8 @@ def test_healthy_runs_come_out_healthy(seed, noise, shape):
 # --------------------------------------------------------------------------- one definition
 _SMALL = SignatureConfig(spike_window=30, spike_min_periods=5, zclip_warmup=5, smooth_window=5,
                          noise_min_pairs=3, plateau_patience=3)
+_EDGE = SignatureConfig(spike_window=1, spike_min_periods=1, zclip_warmup=1, smooth_window=1,
+                        noise_min_pairs=1, plateau_patience=1)  # every window at its minimum
 _ALL = ["loss", "val_loss", "grad_norm", "accuracy", "bg_fraction", "target_bg_fraction",
         "grad_norm_encoder", "lora_norm", "nan_batches", "entropy"]
 
@@ -259,7 +261,7 @@ def _agree(series, config):
 
 
 @given(series=metric_series(metrics=_ALL, max_points=120),
-       config=st.sampled_from([_SMALL, SignatureConfig()]))
+       config=st.sampled_from([_SMALL, SignatureConfig(), _EDGE]))
 @example(series={"loss": ([1.0, 2.0, 3.0], [1.0, 1.0, 1.0])}, config=_SMALL)  # constant: sigma 0
 @example(series={"loss": ([1.0], [math.nan])}, config=_SMALL)
 @example(series={"accuracy": (list(range(12)), [0.0] * 12)}, config=_SMALL)  # best 0
