@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from invariants import (ArgumentLayout, Case, argument_layouts, assert_checkpoint_gradient_equivalent,
+                        clamp_frobenius,
                         assert_film_identity_at_init, assert_stage_schedule_honoured,
                         assert_staged_module_active_from_start,
                         assert_staged_module_identity_before_start,
@@ -63,6 +64,8 @@ class StagedModulesConfig:
     num_solver_steps: int = 3          # seed: 6
     lora_rank: int = 2
     lora_scaling: float = 0.1          # seed 000: ΔW = 0.1·A·B
+    hyperlora_max_norm: float | None = 1.0  # seed 000's Frobenius clamp: the same solver carries
+                                            # both fixes (None = no clamp, as before seed 000)
     hpm_slots: int = 4
     use_hyperlora: bool = True         # seed's new architecture: modules present...
     use_solver_context: bool = True
@@ -206,17 +209,20 @@ class HPM(nn.Module):
 class HyperLoRA(nn.Module):
     """Context (B, D) -> {"input": ΔW, "hidden": ΔW}, ΔW = scaling·A·B of shape (B, D, D)."""
 
-    def __init__(self, d: int, rank: int, scaling: float):
+    def __init__(self, d: int, rank: int, scaling: float, max_norm: float | None = None):
         super().__init__()
-        self.d, self.rank, self.scaling = d, rank, scaling
+        self.d, self.rank, self.scaling, self.max_norm = d, rank, scaling, max_norm
         self.a = nn.ModuleDict({k: nn.Linear(d, d * rank) for k in ("input", "hidden")})
         self.b = nn.ModuleDict({k: nn.Linear(d, rank * d) for k in ("input", "hidden")})
 
     def forward(self, context: torch.Tensor) -> dict[str, torch.Tensor]:
         b, d, r = context.shape[0], self.d, self.rank
-        return {k: self.scaling * (self.a[k](context).view(b, d, r)
-                                   @ self.b[k](context).view(b, r, d))
-                for k in ("input", "hidden")}
+        deltas = {k: self.scaling * (self.a[k](context).view(b, d, r)
+                                     @ self.b[k](context).view(b, r, d))
+                  for k in ("input", "hidden")}
+        if self.max_norm is not None:  # seed 000 §2.2: ‖ΔW_i‖F <= τ per sample
+            deltas = {k: clamp_frobenius(v, self.max_norm) for k, v in deltas.items()}
+        return deltas
 
 
 class StagedSolver(nn.Module):
@@ -230,8 +236,8 @@ class StagedSolver(nn.Module):
         self.pos = nn.Parameter(torch.randn(n, d) * 0.1)           # (N, D)
         self.embed_out = nn.Embedding(c, d)                         # support output colours
         self.injector = CrossAttentionInjector(d, cfg.film_init, cfg.use_cross_attention_context)
-        self.hyperlora = HyperLoRA(d, cfg.lora_rank, cfg.lora_scaling) if cfg.use_hyperlora \
-            else None
+        self.hyperlora = HyperLoRA(d, cfg.lora_rank, cfg.lora_scaling, cfg.hyperlora_max_norm) \
+            if cfg.use_hyperlora else None
         self.solver_context = SolverCrossAttention(d) if cfg.use_solver_context else None
         self.hpm = HPM(d, cfg.hpm_slots) if cfg.use_hpm else None
         self.w_in, self.w_h, self.gate = nn.Linear(d, d), nn.Linear(d, d, bias=False), \
