@@ -698,15 +698,15 @@ def _noise(x: np.ndarray, w: int) -> np.ndarray:
     return nu
 
 
-def _segments(n: int, w: int) -> list[tuple[int, int]]:
+def _segments(n: int, w: int) -> list[tuple[int, int, bool]]:
     """Index ranges of the raw regime (fewer than ``w`` points) and the smoothed regime.
 
     Reference values (best so far) and CUSUM sums restart where smoothing starts:
     a lagging window mean must not be compared with a raw minimum.
     """
     if n < w:
-        return [(0, n)]
-    return [(0, w - 1), (w - 1, n)]
+        return [(0, n, False)]
+    return [(0, w - 1, False), (w - 1, n, True)]
 
 
 class _SmoothState:
@@ -776,10 +776,11 @@ class Divergence(Detector):
 
     signature = "divergence"
 
-    def _f(self, step, s, ref, S, k):
+    def _f(self, step, s, ref, S, k, smoothed):
         c = self.cfg
+        what = f"mean of the last {c.smooth_window} points" if smoothed else "value"
         return self.finding("critical", step, s, ref * (1.0 + k),
-                            f"{self.metric} rose after improving: smoothed value {_g(s)} vs best "
+                            f"{self.metric} rose after improving: {what} {_g(s)} vs best "
                             f"{_g(ref)}; CUSUM of the relative excess over drift "
                             f"k={_g(k)} reached {_g(S)} > h={_g(c.divergence_h)}")
 
@@ -790,9 +791,9 @@ class Divergence(Detector):
         s = _smoothed(x, w)
         nu = _noise(x, w)
         idx = np.arange(len(x))
-        for a, b in _segments(len(x), w):
+        for a, b, smoothed in _segments(len(x), w):
             seg = s[a:b]
-            k = np.maximum(c.noise_k * nu[a:b] / (1.0 if a == 0 else math.sqrt(w)),
+            k = np.maximum(c.noise_k * nu[a:b] / (math.sqrt(w) if smoothed else 1.0),
                            c.divergence_drift)
             k = np.where(idx[a:b] > c.noise_min_pairs, k, c.divergence_drift)
             ref = np.minimum.accumulate(seg)
@@ -801,7 +802,7 @@ class Divergence(Detector):
             S = D - np.minimum(np.minimum.accumulate(D), 0.0)
             j = _first(S > c.divergence_h)
             if j >= 0:
-                return [self._f(view.step[a + j], seg[j], ref[j], S[j], k[j])]
+                return [self._f(view.step[a + j], seg[j], ref[j], S[j], k[j], smoothed)]
         return []
 
     def stream(self):
@@ -848,7 +849,7 @@ class _DivergenceState(_State):
         S = D - (self.Dmin if self.Dmin < 0.0 else 0.0)
         if S > self.h:
             self.done = True
-            return [self.det._f(step, s, ref, S, k)]
+            return [self.det._f(step, s, ref, S, k, n >= self.sm.w)]
         return None
 
 
@@ -865,9 +866,10 @@ class AccuracyDrop(Detector):
 
     signature = "accuracy_drop"
 
-    def _f(self, step, s, best, t):
+    def _f(self, step, s, best, t, smoothed):
+        what = f" (mean of the last {self.cfg.smooth_window})" if smoothed else ""
         return self.finding("warning", step, s, best * (1.0 - t),
-                            f"{self.metric} (smoothed) {_g(s)} is more than {_g(100 * t)}% below "
+                            f"{self.metric}{what} {_g(s)} is more than {_g(100 * t)}% below "
                             f"its best {_g(best)} (seed 000: > {_g(100 * self.cfg.accuracy_drop)}%"
                             f" drop; raised to the series' noise where larger)")
 
@@ -876,17 +878,17 @@ class AccuracyDrop(Detector):
         w = c.smooth_window
         s = _smoothed(view.x, w)
         nu = _noise(view.x, w)
-        for a, b in _segments(len(s), w):
+        for a, b, smoothed in _segments(len(s), w):
             seg = s[a:b]
             best = np.maximum.accumulate(seg)
-            t = np.maximum(c.noise_k * nu[a:b] / (1.0 if a == 0 else math.sqrt(w)),
+            t = np.maximum(c.noise_k * nu[a:b] / (math.sqrt(w) if smoothed else 1.0),
                            c.accuracy_drop)
             with np.errstate(divide="ignore", invalid="ignore"):
                 drop = (best - seg) / best
             known = np.arange(a, b) > c.noise_min_pairs
             j = _first(known & (best > 0.0) & (drop > t))
             if j >= 0:
-                return [self._f(view.step[a + j], seg[j], best[j], t[j])]
+                return [self._f(view.step[a + j], seg[j], best[j], t[j], smoothed)]
         return []
 
     def stream(self):
@@ -921,7 +923,7 @@ class _AccuracyDropState(_State):
             t = self.d
         if self.sm.n > self.minp and best > 0.0 and (best - s) / best > t:
             self.done = True
-            return [self.det._f(step, s, best, t)]
+            return [self.det._f(step, s, best, t, smoothing)]
         return None
 
 

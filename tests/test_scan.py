@@ -248,3 +248,34 @@ def test_inf_step_and_non_finite_are_not_silently_healthy(tmp_path, capsys):
     doc = json.loads(out)
     assert code == 1 and doc["findings"][0]["signature"] == "non_finite"
     assert math.isnan(float(doc["findings"][0]["value"]))
+
+
+class TestReportText(__import__("expecttest").TestCase):
+    """The default report, verbatim (accept changes with EXPECTTEST_ACCEPT=1 under -n 0)."""
+
+    def test_rlan_report(self):
+        import tempfile
+        from invariants._scan import render_report, scan_file
+        with tempfile.TemporaryDirectory() as d:
+            cwd = os.getcwd()
+            os.chdir(d)
+            try:
+                _jsonl("rlan.jsonl", rlan_timeline())
+                data, findings = scan_file("rlan.jsonl")
+            finally:
+                os.chdir(cwd)
+        self.assertExpectedInline(render_report(data, findings), """\
+rlan.jsonl: jsonl, 51 records, epoch 1..61
+metrics: accuracy (51), attention_sharpness (51), entropy (51), lora_norm (51), loss (51), nan_batches (51)
+COLLAPSE: 5 critical, 4 warning(s)
+first critical: divergence on loss at epoch 41
+  epoch  severity  signature           message
+      1  warning   nan_batches         nan_batches=15 > 10 (healthy is 0-10 per epoch, seed 000)
+     31  warning   lora_norm           lora_norm=1.453 > 1 (warn threshold, seed 000)
+     41  critical  divergence          loss rose after improving: value 0.182 vs best 0.05; CUSUM of the relative excess over drift k=0.417493 reached 2.22251 > h=0.25
+     41  critical  lora_norm           lora_norm=1.714 > 1.5 (critical threshold, seed 000)
+     41  critical  nan_batches         nan_batches=60 > 50 (abort above 50 per epoch, seed 000)
+     41  warning   loss_jump           loss jumped from 0.05 to 0.182, more than 2x the previous point
+     42  warning   accuracy_drop       accuracy 0.866 is more than 7.10956% below its best 0.96 (seed 000: > 5% drop; raised to the series' noise where larger)
+     44  critical  entropy_spike       entropy=2.134 > 2 (collapse; healthy < 0.5, seed 000)
+     50  critical  attention_collapse  attention_sharpness=0.03 < 0.1 (collapse; healthy > 0.5, seed 000)""")
