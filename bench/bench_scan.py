@@ -102,6 +102,20 @@ def run() -> list[Result]:
     except ImportError:  # pragma: no cover
         out.append(Result("scan: pandas baseline", math.nan, "s", None, None, "pandas not installed"))
 
+    import json
+    import os
+    import tempfile
+    from invariants import scan_file
+    n_file = 100_000
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "log.jsonl")
+        with open(path, "w") as fh:
+            for i in range(n_file):
+                fh.write(json.dumps({"step": i, **{m: float(data[m][i]) for m in METRICS}}) + "\n")
+        t_file = best_of(lambda: scan_file(path), repeat=1)
+    out.append(under(f"scan: JSONL file end to end, {n_file:,} lines x 5 metrics", t_file, "s", None,
+                     "parse + scan; json decoding dominates"))
+
     n_upd = 100_000
     records = [{m: float(data[m][i]) for m in METRICS} for i in range(n_upd)]
     with warnings.catch_warnings():
