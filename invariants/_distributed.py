@@ -12,6 +12,13 @@
 * ``assert_ranks_agree(histories)`` and ``assert_ddp_step_equivalent(...)`` are the
   invariants: decisions equal on every rank at every step; one DDP step on world
   size 2 equals a single-process step on the concatenated batch.
+* ``ddp_equivalence(factory)`` / ``ddp_equivalences(jobs)`` produce the states to
+  compare: a factory ``"package.module:function"`` builds a ``StepSpec`` from a seed;
+  one spawned group can run many factories (spawning costs seconds, a step costs ms).
+* DDP averages gradients over ranks, so a loss that is a per-rank *mean over equal
+  shards* gives the full-batch gradient, and anything else does not:
+  ``sum_reduction_scale()`` rescales a term summed over samples, ``ddp_token_mean``
+  turns a per-rank token mean (padding ignored) into the full-batch token mean.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -34,11 +42,16 @@ from invariants._tolerances import tolerance_for
 
 __all__ = [
     "RankConsistentGuard",
+    "StepSpec",
     "agree_across_ranks",
     "assert_ddp_step_equivalent",
     "assert_ranks_agree",
     "ddp_equivalence",
+    "ddp_equivalences",
+    "ddp_token_mean",
+    "run_ddp_jobs",
     "spawn_group",
+    "sum_reduction_scale",
 ]
 
 
@@ -189,41 +202,123 @@ def assert_ranks_agree(histories: Sequence[Sequence[tuple[int, bool]]], *,
                  f"rank 0 ran {len(ref)} steps, rank {rank} ran {len(hist)}")
 
 
+@dataclass
+class StepSpec:
+    """One training step, as a factory ``f(seed) -> StepSpec`` builds it.
+
+    Attributes:
+      model: the module (same seed -> same weights on every rank; DDP also broadcasts
+        rank 0's weights when it wraps the model).
+      make_optimizer: ``params -> optimizer`` (called with the trainable parameters).
+      loss_fn: ``(net, *batch) -> scalar`` mean loss; ``net`` is the DDP wrapper under
+        DDP, so call ``net(...)`` (not ``model(...)``) for the reducer to see the forward.
+      batch: the full batch, tensors with the batch on dim 0 (sharded evenly by rank).
+      max_norm: the global clipping cap; ``None``: no clipping.
+      observe: ``model -> {name: tensor}`` extra observables after the step (clamp norms
+        on the batch, EMA weights, contexts ...). Evaluate them on the *full* batch so
+        every rank reports the same quantity as the single process.
+      after_step: ``model -> None`` run after ``optimizer.step()`` (e.g. an EMA update).
+      ddp_kwargs: keyword arguments for ``DistributedDataParallel`` (e.g.
+        ``find_unused_parameters=True`` for staged modules).
+    """
+
+    model: torch.nn.Module
+    make_optimizer: Callable[[list], torch.optim.Optimizer]
+    loss_fn: Callable[..., torch.Tensor]
+    batch: tuple[torch.Tensor, ...]
+    max_norm: float | None = 1.0
+    observe: Callable[[torch.nn.Module], dict[str, torch.Tensor]] | None = None
+    after_step: Callable[[torch.nn.Module], None] | None = None
+    ddp_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def sum_reduction_scale() -> int:
+    """The factor a loss term *summed* over samples needs under DDP: the world size.
+
+    DDP averages gradients over ranks. A mean over equal shards averages to the
+    full-batch mean, but a per-rank sum (e.g. seed 000's decay λ·Σ_i‖ΔW_i‖F²)
+    averages to 1/world_size of the full-batch sum. Multiply such terms by this.
+    Returns 1 without an initialised process group.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def ddp_token_mean(total: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+    """A mean over items whose number differs per rank (tokens with padding ignored).
+
+    ``total`` is this rank's sum of per-item losses, ``count`` its number of items.
+    Returns ``total · world_size / Σ_ranks count`` so that DDP's gradient average is
+    the gradient of the full-batch mean ``Σ total / Σ count``. Without a process
+    group it is ``total / count``. The count is all-reduced (one small collective).
+    """
+    n = torch.as_tensor(count, dtype=torch.float64).detach().clone().reshape(())
+    world = sum_reduction_scale()
+    if world > 1:
+        dist.all_reduce(n)
+    require(float(n) > 0, "count", float(n), "must be > 0 summed over ranks")
+    return total * (world / n.to(total.dtype))
+
+
 @invariant_check("DDP")
 def assert_ddp_step_equivalent(single: Mapping[str, torch.Tensor],
-                               per_rank: Sequence[Mapping[str, torch.Tensor]], *,
+                               per_rank: Sequence[Mapping[str, Any]], *,
                                rtol: float | None = None, atol: float | None = None) -> None:
     """Assert each rank's post-step state equals the single-process step on the full batch.
 
     Args:
       single: name -> tensor after one single-process step on the concatenated batch
-        (parameters, clipped grad norm, clamped delta norms, EMA weights ...).
-      per_rank: the same names from every DDP rank after one step on its shard.
+        (``param.*``, the clipped ``grad.*``, ``grad_norm_before_clip``, clamp norms,
+        EMA weights ...), as ``one_step`` returns it.
+      per_rank: the same names from every DDP rank after one step on its shard. A rank
+        state with an ``"error"`` entry (captured by ``run_ddp_jobs``) is a violation.
+      rtol, atol: override the dtype table (``tolerance_for``) for every quantity.
 
     Raises:
-      InvariantViolation: naming the rank and the quantity that differs, with the
-        assert_close-style report.
+      InvariantViolation: naming the rank and the quantity that differs (the first in
+        ``single``'s order, with the assert_close-style report, plus how many others
+        differ), a gradient that is None on a rank but not in the single process,
+        or a rank that raised.
     """
     __tracebackhide__ = True
+    require(len(per_rank) >= 1, "per_rank", per_rank, "needs at least one rank")
+    expectation = (f"a DDP step on world size {len(per_rank)} to equal the single-process step "
+                   "on the concatenated batch")
     for rank, state in enumerate(per_rank):
-        missing = sorted(set(single) - set(state))
-        if missing:
-            raise InvalidArgumentError(f"per_rank[{rank}] lacks {missing}")
+        if "error" in state:
+            fail(expectation, f"rank {rank} raised: {state['error']}")
+        reports: list[str] = []
         for name, ref in single.items():
-            got = state[name]
+            if name not in state:
+                reports.append(f"rank {rank}: {name} is missing on the rank (a None gradient: "
+                               "the parameter got no gradient under DDP) but exists in the "
+                               "single-process step")
+                continue
             tol = tolerance_for(ref.dtype if ref.is_floating_point() else torch.float64,
                                 rtol=rtol, atol=atol)
-            report = compare_tensors(got, ref, tol, what=f"rank {rank}: {name}")
+            report = compare_tensors(state[name], ref, tol, what=f"rank {rank}: {name}")
             if report:
-                fail("a DDP step on world size "
-                     f"{len(per_rank)} to equal the single-process step on the concatenated batch",
-                     report, hint="is a quantity computed per rank that must be global "
-                                  "(clip the all-reduced gradient, not the local one)?")
+                reports.append(report)
+        extra = sorted(k for k in state if k not in single and k.startswith("grad."))
+        for name in extra:
+            reports.append(f"rank {rank}: {name} has a gradient on the rank but is None in the "
+                           "single-process step")
+        if reports:
+            others = "" if len(reports) == 1 else \
+                f"\n  ({len(reports) - 1} more quantities differ on rank {rank}: " + ", ".join(
+                    r.split(":")[1].strip() for r in reports[1:6]) + \
+                (" ..." if len(reports) > 6 else "") + ")"
+            fail(expectation, reports[0] + others,
+                 hint="is a quantity computed per rank that must be global (clip the "
+                      "all-reduced gradient, not the local one; rescale summed loss terms; "
+                      "token means need the global count)?")
 
 
 # ------------------------------------------------------------ one DDP step vs one process
 def _resolve(path: str) -> Callable[..., Any]:
     import importlib
+    require(isinstance(path, str), "factory", path, "must be 'package.module:function'")
     module, _, attr = path.partition(":")
     require(bool(module and attr), "factory", path, "must be 'package.module:function'")
     try:
@@ -239,54 +334,139 @@ def _shard(batch: Sequence[torch.Tensor], rank: int, world_size: int) -> tuple:
     return tuple(t[rank * k:(rank + 1) * k] for t in batch)
 
 
-def one_step(spec: Any, batch: Sequence[torch.Tensor], *, ddp: bool = False,
-             clip: str = "global") -> dict[str, torch.Tensor]:
+CLIPS = ("global", "per_rank")
+
+
+def one_step(spec: StepSpec, batch: Sequence[torch.Tensor], *, ddp: bool = False,
+             clip: str = "global", process_group: Any = None) -> dict[str, torch.Tensor]:
     """One optimizer step of ``spec`` on ``batch``; returns its observable state.
 
-    ``spec`` (from a factory) has: ``model``, ``make_optimizer(params)``,
-    ``loss_fn(model, *batch) -> scalar mean loss``, ``max_norm`` (None: no clipping),
-    ``observe(model) -> {name: tensor}`` (optional extras: clamp norms, EMA weights).
+    State: ``param.<name>`` after the step, ``grad.<name>`` (the clipped gradient the
+    optimizer used; None gradients are absent), ``grad_norm_before_clip`` (0 without
+    clipping), and ``spec.observe(model)``. The gradients are what makes the check
+    sharp: a first Adam step is ≈ lr·sign(g), blind to any rescaling of g.
     ``clip="global"`` clips the all-reduced gradient (correct); ``"per_rank"`` clips each
     rank's local gradient before averaging (the broken variant).
     """
+    require(clip in CLIPS, "clip", clip, f"must be one of {CLIPS}")
     model = spec.model
-    net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
-    opt = spec.make_optimizer([p for p in model.parameters() if p.requires_grad])
-    opt.zero_grad(set_to_none=True)
+    net = torch.nn.parallel.DistributedDataParallel(
+        model, process_group=process_group, **spec.ddp_kwargs) if ddp else model
     params = [p for p in model.parameters() if p.requires_grad]
+    opt = spec.make_optimizer(params)
+    opt.zero_grad(set_to_none=True)
     if ddp and clip == "per_rank" and spec.max_norm is not None:
         with net.no_sync():
             spec.loss_fn(net, *batch).backward()
         norm = torch.nn.utils.clip_grad_norm_(params, spec.max_norm)  # local: wrong
+        world = dist.get_world_size(process_group)
         for p in params:
             if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= dist.get_world_size()
+                dist.all_reduce(p.grad, group=process_group)
+                p.grad /= world
     else:
         spec.loss_fn(net, *batch).backward()
         norm = torch.nn.utils.clip_grad_norm_(params, spec.max_norm) \
             if spec.max_norm is not None else torch.tensor(0.0)
+    state = {f"grad.{name}": p.grad.detach().clone() for name, p in model.named_parameters()
+             if p.grad is not None}
     opt.step()
-    state = {f"param.{name}": p.detach().clone() for name, p in model.named_parameters()}
+    if spec.after_step is not None:
+        spec.after_step(model)
+    state.update({f"param.{name}": p.detach().clone() for name, p in model.named_parameters()})
     state["grad_norm_before_clip"] = norm.detach().clone().reshape(())
-    if getattr(spec, "observe", None) is not None:
-        state.update({k: v.detach().clone() for k, v in spec.observe(model).items()})
+    if spec.observe is not None:
+        with torch.no_grad():
+            state.update({k: v.detach().clone() for k, v in spec.observe(model).items()})
     return state
+
+
+def _job(value: Any) -> dict[str, Any]:
+    job = {"factory": value} if isinstance(value, str) else dict(value)
+    require("factory" in job, "job", value, "needs a 'factory' ('package.module:function')")
+    unknown = sorted(set(job) - {"factory", "reference", "seed", "clip"})
+    require(not unknown, "job", value, f"has unknown keys {unknown}")
+    job.setdefault("reference", job["factory"])
+    job.setdefault("seed", 0)
+    job.setdefault("clip", "global")
+    require(job["clip"] in CLIPS, "clip", job["clip"], f"must be one of {CLIPS}")
+    return job
+
+
+def run_ddp_jobs(rank: int, world_size: int, jobs: Mapping[str, Any], *,
+                 capture_errors: bool = False) -> dict[str, dict[str, Any]]:
+    """Inside a spawned rank: one DDP step per job, each on a fresh gloo group.
+
+    ``jobs``: name -> factory string or ``{"factory", "seed", "clip"}``. A fresh
+    subgroup per job keeps a job whose DDP reducer failed from leaving collectives
+    half-done for the next one. With ``capture_errors`` a job that raises records
+    ``{"error": "<Type>: <message>"}`` instead of failing the whole group.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in jobs.items():
+        job = _job(value)
+        group = dist.new_group(backend="gloo")
+        try:
+            spec = _resolve(job["factory"])(job["seed"])
+            out[name] = one_step(spec, _shard(spec.batch, rank, world_size), ddp=True,
+                                 clip=job["clip"], process_group=group)
+        except Exception as exc:  # noqa: BLE001 - recorded for the caller to judge
+            if not capture_errors:
+                raise
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            dist.barrier()
+    return out
 
 
 def ddp_step_worker(rank: int, world_size: int, factory: str, seed: int,
                     clip: str) -> dict[str, torch.Tensor]:
     """Spawned worker: build the spec from ``factory(seed)``, take one DDP step on the shard."""
-    spec = _resolve(factory)(seed)
-    return one_step(spec, _shard(spec.batch, rank, world_size), ddp=True, clip=clip)
+    return run_ddp_jobs(rank, world_size, {"job": {"factory": factory, "seed": seed,
+                                                   "clip": clip}})["job"]
 
 
-def ddp_equivalence(factory: str, *, seed: int = 0, world_size: int = 2,
-                    clip: str = "global", timeout: float = 60.0
+def single_process_state(job: Any) -> dict[str, torch.Tensor]:
+    """The single-process step of a job's reference factory on the whole batch (1 thread)."""
+    job = _job(job)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks run one thread each; same kernels, same order
+    try:
+        spec = _resolve(job["reference"])(job["seed"])
+        return one_step(spec, spec.batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def ddp_equivalence(factory: str, *, reference: str | None = None, seed: int = 0,
+                    world_size: int = 2, clip: str = "global", timeout: float = 60.0
                     ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """(single-process state, per-rank DDP states) for one step of ``factory(seed)``."""
-    require(clip in ("global", "per_rank"), "clip", clip, "must be 'global' or 'per_rank'")
-    spec = _resolve(factory)(seed)
-    single = one_step(spec, spec.batch)
-    per_rank = spawn_group(ddp_step_worker, world_size, factory, seed, clip, timeout=timeout)
-    return single, per_rank
+    """(single-process state, per-rank DDP states) for one step of ``factory(seed)``.
+
+    ``reference`` (default: ``factory``) builds the single-process step, e.g. the
+    non-checkpointed model when ``factory`` checkpoints. One spawned group.
+    """
+    job = {"factory": factory, "reference": reference or factory, "seed": seed, "clip": clip}
+    return ddp_equivalences({"job": job}, world_size=world_size, timeout=timeout)["job"]
+
+
+def _jobs_worker(rank: int, world_size: int, jobs: dict, capture_errors: bool) -> dict:
+    return run_ddp_jobs(rank, world_size, jobs, capture_errors=capture_errors)
+
+
+def ddp_equivalences(jobs: Mapping[str, Any], *, world_size: int = 2, timeout: float = 60.0,
+                     capture_errors: bool = False
+                     ) -> dict[str, tuple[dict[str, torch.Tensor], list[dict[str, Any]]]]:
+    """Several ``ddp_equivalence`` jobs in ONE spawned group: name -> (single, per_rank).
+
+    ``jobs``: name -> factory string or ``{"factory", "reference", "seed", "clip"}``.
+    """
+    require(isinstance(jobs, Mapping) and len(jobs) >= 1, "jobs", jobs,
+            "must be a non-empty mapping name -> factory or job dict")
+    normalised = {name: _job(value) for name, value in jobs.items()}
+    for job in normalised.values():  # fail in this process, not in a rank
+        _resolve(job["factory"]), _resolve(job["reference"])
+    per_rank = spawn_group(_jobs_worker, world_size, normalised, capture_errors,
+                           timeout=timeout)
+    return {name: (single_process_state(job), [r[name] for r in per_rank])
+            for name, job in normalised.items()}
