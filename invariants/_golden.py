@@ -38,6 +38,7 @@ __all__ = [
     "compare_curves",
     "device_key",
     "deterministic",
+    "findings_of",
     "read_golden",
     "record_golden",
     "run_spread",
@@ -86,6 +87,8 @@ class GoldenRun:
         show its documented mechanism (broken runs) — beyond the signature list.
       seed: the RNG seed of the run.
       note: what the run can and cannot reproduce of the seed's collapse (stored in the file).
+      signature_config: the ``SignatureConfig`` its curves are scanned with; it must be the
+        same for a system's fixed and broken run (stored in ``config`` so it is hashed).
     """
 
     name: str
@@ -96,10 +99,12 @@ class GoldenRun:
     check: Callable[[Curves], None] | None = None
     seed: int = 0
     note: str = ""
+    signature_config: Any = None  # a SignatureConfig for scanning this run (None: defaults)
 
     @property
     def config_sha256(self) -> str:
-        blob = json.dumps(self.config, sort_keys=True, default=str).encode()
+        blob = json.dumps({"run": self.config, "signature_config": repr(self.signature_config)},
+                          sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()
 
     def tolerance(self, metric: str) -> GoldenTolerance:
@@ -150,7 +155,8 @@ def _execute(run: GoldenRun, device: torch.device) -> Curves:
     for metric, pair in raw.items():
         steps, values = pair
         steps = [int(s) if float(s).is_integer() else float(s) for s in steps]
-        values = [float(v) for v in values]
+        values = list(values) if values and all(isinstance(v, str) for v in values) \
+            else [float(v) for v in values]  # text metrics (generated samples) stay strings
         if len(steps) != len(values):
             raise GoldenError(f"run {run.name!r}, metric {metric!r}: {len(steps)} steps but "
                               f"{len(values)} values")
@@ -176,11 +182,19 @@ def _metadata(run: GoldenRun, device: torch.device) -> dict[str, Any]:
     }
 
 
+def findings_of(run: GoldenRun, curves: Curves) -> list[dict[str, Any]]:
+    """The collapse findings of the run's curves (canonical metric names only), as dicts."""
+    from invariants._signatures import CANONICAL_METRICS, scan_series
+    series = {m: c for m, c in curves.items() if m in CANONICAL_METRICS}
+    return [{"signature": f.signature, "metric": f.metric, "severity": f.severity,
+             "step": f.step} for f in scan_series(series, run.signature_config)]
+
+
 def _nonfinite(curves: Curves) -> list[str]:
     bad = []
     for metric, (steps, values) in curves.items():
         for step, value in zip(steps, values):
-            if not math.isfinite(value):
+            if not isinstance(value, str) and not math.isfinite(value):
                 bad.append(f"{metric} at step {step} = {value}")
                 break
     return bad
@@ -193,7 +207,8 @@ def _first_difference(a: Curves, b: Curves) -> str | None:
         if a[metric][0] != b[metric][0]:
             return f"{metric}: steps differ"
         for i, (x, y) in enumerate(zip(a[metric][1], b[metric][1])):
-            if x != y and not (math.isnan(x) and math.isnan(y)):
+            if x != y and not (isinstance(x, float) and isinstance(y, float)
+                                and math.isnan(x) and math.isnan(y)):
                 return f"{metric} at step {a[metric][0][i]}: {x!r} vs {y!r}"
     return None
 
@@ -218,6 +233,8 @@ def record_golden(run: GoldenRun, golden_dir: Path, device: torch.device | str =
                   *, signatures: Sequence[Mapping[str, Any]] = ()) -> Path:
     """Run twice, refuse non-finite or non-reproducible curves, write the current device key.
 
+    ``signatures`` defaults to the collapse findings of the recorded curves.
+
     Only ``golden/<run>/<device-key of device>.json`` is written; other keys are untouched.
     """
     return _record(run, golden_dir, device, signatures)[0]
@@ -232,6 +249,7 @@ def _record(run: GoldenRun, golden_dir: Path, device: torch.device | str,
         raise GoldenError(f"run {run.name!r}: refusing to record a non-finite curve: {bad[0]}")
     second = _execute(run, device)
     diff = _first_difference(first, second)
+    signatures = list(signatures) or findings_of(run, first)
     if diff:
         raise GoldenError(f"run {run.name!r}: refusing to record a curve that differs between "
                           f"two seeded runs ({diff}); make the run deterministic first")
@@ -320,6 +338,13 @@ def compare_curves(obtained: Curves, golden: Mapping[str, Mapping[str, list]],
             problems.append(f"  {metric}: steps differ (golden {len(g_steps)} points, obtained "
                             f"{len(steps)}; first golden steps {g_steps[:3]}, obtained {steps[:3]})")
             continue
+        if any(isinstance(v, str) for v in list(values) + list(g_values)):
+            bad = [i for i, (a, b) in enumerate(zip(values, g_values)) if a != b]
+            if bad:
+                i = bad[0]
+                problems.append(f"  {metric}: {len(bad)}/{len(values)} texts differ; first at step "
+                                f"{steps[i]}: golden {g_values[i]!r}, obtained {values[i]!r}")
+            continue
         tol = tolerance(metric)
         o = np.asarray(values, dtype=np.float64)
         g = np.asarray(g_values, dtype=np.float64)
@@ -340,7 +365,12 @@ def _plot(path: Path, run: str, obtained: Curves, golden: Mapping[str, Any],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = sorted(set(obtained) | set(golden))
+    def numeric(vals) -> bool:
+        return not any(isinstance(v, str) for v in vals)
+
+    metrics = sorted(m for m in set(obtained) | set(golden)
+                     if numeric(obtained.get(m, ((), ()))[1])
+                     and numeric(golden.get(m, {}).get("values", ())))
     worst = {p.metric: p for p in problems if isinstance(p, Mismatch)}
     fig, axes = plt.subplots(len(metrics), 1, figsize=(8, 2.4 * len(metrics)), squeeze=False)
     for ax, metric in zip(axes[:, 0], metrics):
@@ -404,17 +434,23 @@ def assert_matches_golden(run: GoldenRun, golden_dir: Path, *, device: torch.dev
             f"stale golden, regenerate: {path} was recorded for config sha256 "
             f"{str(stored_sha)[:12]}…, the run's config is now {run.config_sha256[:12]}… "
             f"(this is not a tolerance failure: the run itself changed). {update_hint}")
-    problems = compare_curves(curves, golden["metrics"], run.tolerance)
+    problems: list[Mismatch | str] = compare_curves(curves, golden["metrics"], run.tolerance)
+    found = findings_of(run, curves)
+    if found != golden["signatures"]:
+        key_of = lambda f: (f["signature"], f["metric"], f["severity"], f["step"])  # noqa: E731
+        want, got = {key_of(f) for f in golden["signatures"]}, {key_of(f) for f in found}
+        problems.append(f"  collapse signatures changed: new {sorted(got - want)}, "
+                        f"gone {sorted(want - got)}")
     if problems:
         write_json_atomic(obtained_path, {
             "schema_version": SCHEMA_VERSION, "run": run.name,
             "metadata": _metadata(run, device),
-            "metrics": {m: {"steps": s, "values": [v if math.isfinite(v) else str(v)
-                                                   for v in vals]}
+            "metrics": {m: {"steps": s, "values": [v if isinstance(v, str) or math.isfinite(v)
+                                                   else str(v) for v in vals]}
                         for m, (s, vals) in sorted(curves.items())},
             "tolerances": {m: {"rtol": run.tolerance(m).rtol, "atol": run.tolerance(m).atol}
                            for m in sorted(curves)},
-            "signatures": golden["signatures"]})
+            "signatures": found})
         plot = _plot(output_dir / f"{run.name}.{key}.obtained.png", run.name, curves,
                      golden["metrics"], problems)
         lines = [p.line() if isinstance(p, Mismatch) else p for p in problems]

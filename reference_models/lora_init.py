@@ -347,7 +347,8 @@ def finetune_curves(cfg: LoraInitConfig, *, seed: int = 0, pretrain_steps: int =
 
     Records per fine-tune step: loss, accuracy, kl_from_base (KL of the adapted model's
     next-token distribution from the frozen pretrained base on a fixed probe batch),
-    entropy, lora_norm (Σ‖scale·A·B‖F over adapters). Step 0 is before any update, so a
+    entropy, adapter_delta_norm (Σ‖scale·A·B‖F over adapters; not seed 000's per-sample
+    HyperLoRA ``lora_norm``, whose thresholds assume a normalised base). Step 0 is before any update, so a
     fixed run shows kl_from_base == 0 there and a broken run does not.
     """
     lm_cfg = TinyLMConfig()
@@ -372,14 +373,16 @@ def finetune_curves(cfg: LoraInitConfig, *, seed: int = 0, pretrain_steps: int =
     with torch.no_grad():
         base_logp = torch.log_softmax(base(probe_x).double(), -1)
     curves: dict[str, list[float]] = {k: [] for k in
-                                      ("loss", "accuracy", "kl_from_base", "entropy", "lora_norm")}
+                                      ("loss", "accuracy", "kl_from_base", "entropy",
+                                       "adapter_delta_norm")}
     for step in range(finetune_steps + 1):
         adapted.eval()
         with torch.no_grad():
             logp = torch.log_softmax(adapted(probe_x).double(), -1)
             curves["kl_from_base"].append(float((base_logp.exp() * (base_logp - logp)).sum(-1).mean()))
             curves["entropy"].append(float(-(logp.exp() * logp).sum(-1).mean()))
-            curves["lora_norm"].append(float(sum(m.delta_weight().norm() for m in adapters)))
+            curves["adapter_delta_norm"].append(
+                float(sum(m.delta_weight().norm() for m in adapters)))
         adapted.train()
         x, y = _task_batch(gen, lm_cfg.vocab, 16, lm_cfg.seq_len, shift=2)
         logits = adapted(x)

@@ -9,17 +9,43 @@ from dataclasses import replace
 import pytest
 
 from invariants import InvariantViolation
-from invariants._golden import _execute
+from invariants._golden import _execute, findings_of
 from reference_models import lora_init
-from reference_models.golden_runs import RUNS
+from reference_models.golden_runs import LORA_KWARGS, RUNS
+
+
+def _assert_signatures(run, curves):
+    """Fixed: no collapse (critical) finding. Broken: its seed's findings are all there."""
+    found = findings_of(run, curves)
+    if run.name.endswith("-fixed"):
+        critical = [f for f in found if f["severity"] == "critical"]
+        assert not critical, (f"{run.name}: the fixed run shows collapse signatures {critical}; "
+                              f"all findings: {found}")
+    missing = [s for s in run.signatures
+               if not any((f["signature"], f["metric"]) == s for f in found)]
+    assert not missing, (f"{run.name}: expected the seed's signatures {missing} but the "
+                         f"detectors found only {found}")
 
 
 @pytest.mark.golden
 @pytest.mark.parametrize("run", RUNS, ids=[r.name for r in RUNS])
 def test_golden_run(run, golden):
     curves = golden.check(run)
-    if run.check is not None:
-        run.check(curves)
+    run.check(curves)
+    _assert_signatures(run, curves)
+
+
+def test_every_system_has_a_fixed_and_a_broken_run():
+    names = {r.name for r in RUNS}
+    for system in ("hyperlora", "staged_modules", "curriculum_lm", "lora_init",
+                   "evolving_context"):
+        assert {f"{system}-fixed", f"{system}-broken"} <= names, system
+    for run in RUNS:
+        if run.name.endswith("-broken"):
+            assert run.signatures or run.check, f"{run.name}: states no mechanism to show"
+        twin = next(r for r in RUNS if r.name == run.name.rsplit("-", 1)[0] + "-fixed")
+        assert run.signature_config == twin.signature_config, (
+            f"{run.name}: a detector setting must apply equally to the fixed run")
 
 
 @pytest.mark.golden
@@ -30,8 +56,8 @@ def test_golden_run_cuda(run, golden):
     import torch
     golden.device = torch.device("cuda")
     curves = golden.check(run)
-    if run.check is not None:
-        run.check(curves)
+    run.check(curves)
+    _assert_signatures(run, curves)
 
 
 @pytest.mark.golden
@@ -45,9 +71,8 @@ def test_two_cpu_runs_are_bit_identical(run):
 def test_removing_the_fix_fails_the_fixed_golden(golden, tmp_path):
     """Swap the zero-init fix for the seed's random init behind the fixed run's name and config."""
     fixed = next(r for r in RUNS if r.name == "lora_init-fixed")
-    kwargs = {"pretrain_steps": 100, "finetune_steps": 30}
     unfixed = replace(fixed, fn=lambda seed, device: lora_init.finetune_curves(
-        lora_init.BROKEN, seed=seed, **kwargs))
+        lora_init.BROKEN, seed=seed, **LORA_KWARGS))
     golden.output_dir = tmp_path
     golden.update = False
     with pytest.raises(InvariantViolation) as info:
