@@ -33,14 +33,14 @@ import torch
 from hypothesis import given, strategies as st
 from torch import nn
 
-from invariants import (Case, LRScheduleConfig, assert_best_checkpoint_tracks_minimum,
+from invariants import (one_thread, Case, LRScheduleConfig, assert_best_checkpoint_tracks_minimum,
                         assert_curriculum_progresses, assert_early_stopping_follows_patience,
                         assert_gradients_clipped, assert_grokfast_filter_exact,
                         assert_lr_schedule_warmup_cosine, assert_sources_balanced,
                         assert_stage_boundary_keeps_optimizer_state,
                         assert_validation_split_sound, gradient_sets, lr_schedule_configs,
                         split_sizes, val_loss_sequences)
-from invariants._errors import InvalidArgumentError, require
+from invariants._errors import require
 from invariants._pipeline import require_max_norm, require_min_delta, require_patience
 
 SYSTEM = "curriculum_lm"
@@ -456,12 +456,8 @@ def train(cfg: CurriculumLMConfig = FIXED, seed: int = 0, max_epochs: int | None
     """
     require(max_epochs is None or (isinstance(max_epochs, int) and max_epochs >= 1),
             "max_epochs", max_epochs, "must be None or an integer >= 1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # determinism, and 8x faster than 2 threads on a busy 2-core box
-    try:
+    with one_thread():  # determinism, and 8x faster than 2 threads on a busy 2-core box
         return _train(cfg, seed, max_epochs, checkpoint_dir)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(cfg: CurriculumLMConfig, seed: int, max_epochs: int | None,

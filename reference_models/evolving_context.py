@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from hypothesis import Phase, given, settings, strategies as st
 from torch import nn
 
-from invariants import (Case, assert_context_diagnostics_match, assert_context_rows_normalized,
+from invariants import (one_thread, Case, assert_context_diagnostics_match, assert_context_rows_normalized,
                         assert_context_update_smoothed, assert_encoder_frozen_by_zero_lr,
                         assert_encoder_grad_share_valid, assert_encoder_lr_scaled,
                         assert_query_gradient_blocked, assert_residual_scaled, context_specs,
@@ -312,9 +312,7 @@ def train_steps(cfg: EvolvingContextConfig = FIXED, steps: int = 100, seed: int 
     """
     require(isinstance(steps, int) and steps >= 1, "steps", steps, "must be an integer >= 1")
     require(isinstance(seed, int) and seed >= 0, "seed", seed, "must be an integer >= 0")
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         model, opt = build(cfg, seed)
         task = make_task(cfg, seed)
         out: dict[str, list[float]] = {k: [] for k in METRICS}
@@ -322,8 +320,6 @@ def train_steps(cfg: EvolvingContextConfig = FIXED, steps: int = 100, seed: int 
             metrics = train_step(model, opt, task(step))
             for k in METRICS:
                 out[k].append(metrics[k])
-    finally:
-        torch.set_num_threads(saved)
     return out
 
 
@@ -358,12 +354,8 @@ def _single_thread(check: Callable[[Callable[[], Any]], None]) -> Callable[[Call
     """
     @functools.wraps(check)
     def run(make: Callable[[], Any]) -> None:
-        saved = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_thread():
             check(make)
-        finally:
-            torch.set_num_threads(saved)
     return run
 
 

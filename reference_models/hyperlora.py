@@ -19,17 +19,16 @@ the solver can only succeed through the HyperLoRA deltas.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, strategies as st
 from torch import nn
 
-from invariants import (Case, NormGovernor, assert_clamp_identity_below_cap,
+from invariants import (one_thread, Case, NormGovernor, assert_clamp_identity_below_cap,
                         assert_clamp_preserves_direction, assert_gradient_reaches_predictor,
                         assert_lora_decay_term, assert_norm_governor_acts, assert_param_group_lrs,
                         assert_predictor_deltas_bounded, assert_delta_norms_bounded,
@@ -339,17 +338,6 @@ def _train(cfg: HyperLoRAConfig, steps: int, seed: int, stop_on_governor: bool
 
 
 # ------------------------------------------------------------------ the cases
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add overhead (5-10x on a busy 2-core box)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
@@ -382,7 +370,7 @@ def _check_h1(make: Callable[[], HyperLoRAConfig]) -> None:
         contexts = data.draw(context_draws[dtype], label="contexts")
         assert_predictor_deltas_bounded(predictors[dtype], contexts, max_norm=tau)
 
-    with _one_thread():
+    with one_thread():
         if cfg.hyperlora_max_norm is not None:
             h1_clamp()
         h1_model()
@@ -394,7 +382,7 @@ def _check_h1_seed_float32(make: Callable[[], HyperLoRAConfig]) -> None:
     @given(delta=weight_deltas(max_norm=1.0, dtype=torch.float32))
     def h1_exact(delta):
         assert_delta_norms_bounded(CLAMPS[cfg.clamp_mode](delta, 1.0), max_norm=1.0)
-    with _one_thread():
+    with one_thread():
         h1_exact()
 
 
@@ -405,7 +393,7 @@ def _check_h2(make: Callable[[], HyperLoRAConfig]) -> None:
     @given(delta=weight_deltas())
     def h2(delta):
         assert_clamp_identity_below_cap(clamp, delta, max_norm=1.0)
-    with _one_thread():
+    with one_thread():
         h2()
 
 
@@ -416,7 +404,7 @@ def _check_h3(make: Callable[[], HyperLoRAConfig]) -> None:
     @given(delta=weight_deltas())
     def h3(delta):
         assert_clamp_preserves_direction(clamp, delta, max_norm=1.0)
-    with _one_thread():
+    with one_thread():
         h3()
 
 
@@ -438,7 +426,7 @@ def _check_h4(make: Callable[[], HyperLoRAConfig]) -> None:
                          > cfg.hyperlora_max_norm).any()))   # the clamp must be active
         assert_gradient_reaches_predictor(predictor, predictor.parameters(), contexts,
                                           max_norm=cfg.hyperlora_max_norm)
-    with _one_thread():
+    with one_thread():
         h4()
 
 
@@ -449,7 +437,7 @@ def _check_h5(make: Callable[[], HyperLoRAConfig]) -> None:
     def h5(delta):
         assert_lora_decay_term(lambda d: lora_decay_term(d, cfg.hyperlora_weight_decay), delta,
                                weight=0.001)   # SPEC H5: λ = 0.001
-    with _one_thread():
+    with one_thread():
         h5()
 
 
@@ -462,7 +450,7 @@ def _check_h6(make: Callable[[], HyperLoRAConfig]) -> None:
         opt = torch.optim.SGD(param_groups(model, replace(cfg, base_lr=base_lr)))
         assert_param_group_lrs(opt, model.hyperlora.parameters(), base_lr=base_lr,
                                multiplier=1.0)   # SPEC H6: multiplier 1.0
-    with _one_thread():
+    with one_thread():
         h6()
 
 
@@ -472,7 +460,7 @@ def _check_h7(make: Callable[[], HyperLoRAConfig]) -> None:
     @given(norms=lora_norm_series())
     def h7(norms):
         assert_norm_governor_acts(governor, norms)
-    with _one_thread():
+    with one_thread():
         h7()
 
 

@@ -23,7 +23,6 @@ tensors produced upstream by HyperLoRA, ``support`` None when there is none.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import warnings
@@ -35,7 +34,7 @@ from hypothesis import example, given, strategies as st
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from invariants import (ArgumentLayout, Case, argument_layouts, assert_checkpoint_gradient_equivalent,
+from invariants import (one_thread, ArgumentLayout, Case, argument_layouts, assert_checkpoint_gradient_equivalent,
                         clamp_frobenius,
                         assert_film_identity_at_init, assert_stage_schedule_honoured,
                         assert_staged_module_active_from_start,
@@ -347,17 +346,6 @@ def make_ema(model: nn.Module, cfg: StagedModulesConfig) -> WeightEMA | None:
 
 
 # ------------------------------------------------------------------ data + training
-@contextlib.contextmanager
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention; restore the caller's setting."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 def make_batch(cfg: StagedModulesConfig, batch: int, generator: torch.Generator, *,
                fg_rate: float = 0.15) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Background-heavy recolouring tasks: (grid, support, target).
@@ -399,7 +387,7 @@ def train_epochs(cfg: StagedModulesConfig, epochs: int, seed: int, *,
     """
     require(isinstance(epochs, int) and epochs >= 1, "epochs", epochs, "must be an integer >= 1")
     require(isinstance(seed, int), "seed", seed, "must be an integer")
-    with torch.random.fork_rng(devices=[]), _one_thread():
+    with torch.random.fork_rng(devices=[]), one_thread():
         torch.manual_seed(seed)
         model = StagedSolver(cfg)
         ema = make_ema(model, cfg)
@@ -528,7 +516,7 @@ def _check_s1(make: Callable[[], StagedModulesConfig]) -> None:
         staged, without = pairs.pair(module)
         assert_staged_module_identity_before_start(staged, without, _inputs(cfg, batch, seed),
                                                    start_epoch=start, epochs=epochs)
-    with _one_thread():
+    with one_thread():
         s1()
 
 
@@ -544,7 +532,7 @@ def _check_s2(make: Callable[[], StagedModulesConfig]) -> None:
         assert_staged_module_active_from_start(staged, without, _inputs(cfg, batch, seed),
                                                start_epoch=start,
                                                epochs=sorted({start, start + later}))
-    with _one_thread():
+    with one_thread():
         s2()
 
 
@@ -564,7 +552,7 @@ def _check_s3(make: Callable[[], StagedModulesConfig]) -> None:
         context = torch.randn(x.shape[0], d, generator=torch.Generator().manual_seed(seed),
                               dtype=torch.float64).to(dtype)
         assert_film_identity_at_init(films[dtype], x, context)
-    with _one_thread():
+    with one_thread():
         s3()
 
 
@@ -609,7 +597,7 @@ def _check_s4(make: Callable[[], StagedModulesConfig]) -> None:
             model.solver_step, (x, h, deltas, None if support_none else tokens), seed=seed,
             params=model, **mode)
 
-    with _one_thread(), warnings.catch_warnings():
+    with one_thread(), warnings.catch_warnings():
         # the reentrant mode's "None of the inputs have requires_grad=True" warning is
         # what the broken case is about; it is pinned in tests/test_checkpoint.py
         warnings.simplefilter("ignore", UserWarning)
@@ -634,7 +622,7 @@ def _check_s5(make: Callable[[], StagedModulesConfig]) -> None:
         require(ema is not None, "use_ema", cfg.use_ema, "the S5 cases need use_ema=True")
         assert_weight_ema_tracks_weights(model, lambda: ema.update(model), lambda: ema.shadow,
                                          [{"weight": w} for w in history], decay=decay)
-    with _one_thread():
+    with one_thread():
         s5()
 
 
@@ -653,7 +641,7 @@ def _check_s6(make: Callable[[], StagedModulesConfig]) -> None:
             return {START_KEYS[m]: pairs.pair(m) for m in MODULES}
         assert_stage_schedule_honoured(build, starts, _inputs(cfg, 1, seed),
                                        epochs=max(starts.values()) + 1)
-    with _one_thread():
+    with one_thread():
         s6()
 
 

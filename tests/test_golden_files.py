@@ -9,7 +9,6 @@ import torch
 
 from invariants import (GoldenError, GoldenRun, InvariantViolation, assert_matches_golden,
                         device_key, read_golden, record_golden, run_spread, write_json_atomic)
-from invariants._golden import _execute
 from invariants._cli import main
 
 
