@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from invariants._assertions import compare_tensors, fail, invariant_check
-from invariants._errors import InvalidArgumentError, require
+from invariants._errors import InvalidArgumentError, require, require_positive
 from invariants._tolerances import tolerance_for
 
 __all__ = [
@@ -89,9 +89,9 @@ def spawn_group(fn: Callable[..., Any], world_size: int = 2, *args: Any,
     TimeoutError (after killing every process) if the group does not finish in time.
     """
     require(callable(fn), "fn", fn, "must be a module-level callable")
-    require(isinstance(world_size, int) and world_size >= 1, "world_size", world_size,
-            "must be an integer >= 1")
-    require(timeout > 0, "timeout", timeout, "must be > 0")
+    require(isinstance(world_size, int) and not isinstance(world_size, bool)
+            and world_size >= 1, "world_size", world_size, "must be an integer >= 1")
+    require_positive("timeout", timeout)
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="invariants-dist-") as outdir:
@@ -330,8 +330,13 @@ def _resolve(path: str) -> Callable[..., Any]:
 
 
 def _shard(batch: Sequence[torch.Tensor], rank: int, world_size: int) -> tuple:
+    require(len(batch) >= 1, "batch", batch, "needs at least one tensor")
     n = batch[0].shape[0]
-    require(n % world_size == 0, "batch size", n, f"must divide by world_size={world_size}")
+    require(n % world_size == 0 and n >= world_size, "batch size", n,
+            f"must be a positive multiple of world_size={world_size} (equal shards: DDP "
+            "averages per-rank means)")
+    require(all(t.shape[0] == n for t in batch), "batch", [tuple(t.shape) for t in batch],
+            "tensors must share the batch size on dim 0")
     k = n // world_size
     return tuple(t[rank * k:(rank + 1) * k] for t in batch)
 
@@ -466,9 +471,13 @@ def ddp_equivalences(jobs: Mapping[str, Any], *, world_size: int = 2, timeout: f
     require(isinstance(jobs, Mapping) and len(jobs) >= 1, "jobs", jobs,
             "must be a non-empty mapping name -> factory or job dict")
     normalised = {name: _job(value) for name, value in jobs.items()}
-    for job in normalised.values():  # fail in this process, not in a rank
-        _resolve(job["factory"]), _resolve(job["reference"])
+    singles = {}
+    for name, job in normalised.items():  # fail here, not in a rank: bad factory, bad batch
+        spec = _resolve(job["factory"])(job["seed"])
+        require(isinstance(spec, StepSpec), "factory", job["factory"],
+                f"must return a StepSpec, got {type(spec).__name__}")
+        _shard(spec.batch, 0, world_size)
+        singles[name] = single_process_state(job)
     per_rank = spawn_group(_jobs_worker, world_size, normalised, capture_errors,
                            timeout=timeout)
-    return {name: (single_process_state(job), [r[name] for r in per_rank])
-            for name, job in normalised.items()}
+    return {name: (singles[name], [r[name] for r in per_rank]) for name in normalised}

@@ -33,9 +33,11 @@ from torch.utils.checkpoint import checkpoint
 from invariants import (CollapseGuard, RankConsistentGuard, StepSpec, agree_across_ranks,
                         ddp_token_mean, frobenius_norms, run_ddp_jobs, sum_reduction_scale)
 
-__all__ = ["FirstSolverStep", "StepSpec", "curriculum_lm_seed_loss_step", "curriculum_lm_step",
-           "evolving_context_step", "hyperlora_seed_loss_step", "hyperlora_step",
-           "lora_init_step", "staged_first_step_plain", "staged_first_step_nonreentrant",
+__all__ = ["DECISIONS", "EQUIVALENCE_JOBS", "FirstSolverStep", "JOBS",
+           "curriculum_lm_seed_loss_step", "curriculum_lm_step", "evolving_context_step",
+           "failing_worker", "hanging_worker",
+           "hyperlora_seed_loss_step", "hyperlora_step", "lora_init_step",
+           "staged_first_step_nonreentrant", "staged_first_step_plain",
            "staged_first_step_reentrant", "staged_modules_ckpt_reentrant_step",
            "staged_modules_ckpt_step", "staged_modules_step", "suite_worker"]
 
@@ -79,9 +81,9 @@ def _hyperlora(seed: int, decay_scale) -> StepSpec:
         ce = F.cross_entropy(logits.flatten(0, 1), target.flatten())
         return ce + decay_scale() * m.lora_decay_term(deltas, cfg.hyperlora_weight_decay)
 
-    def observe(model):
-        return {"clamped_delta_norms": frobenius_norms(model.hyperlora(context)),    # (B, T)
-                "raw_delta_norms": frobenius_norms(model.hyperlora.raw_deltas(context))}
+    def observe(model):  # float64 norms of float32 deltas: judged at float32's tolerance
+        return {"clamped_delta_norms": frobenius_norms(model.hyperlora(context)).float(),
+                "raw_delta_norms": frobenius_norms(model.hyperlora.raw_deltas(context)).float()}
 
     # the seed's loop logs the norm but does not clip: 0.25 is a harness cap (pre-clip
     # norm 0.33, so it binds)
@@ -244,7 +246,7 @@ def evolving_context_step(seed: int) -> StepSpec:
         _, pairs = model(x, demos)
         return {"context_z_e": torch.stack([z for _, z in pairs]),        # (S, B, L, D)
                 "encoder_grad_share": torch.tensor(model.grad_norms()["encoder_grad_share"],
-                                                   dtype=torch.float64)}
+                                                   dtype=torch.float32)}
 
     def make_optimizer(ps):
         return torch.optim.AdamW(model.param_groups(), lr=cfg.base_lr,
@@ -280,6 +282,39 @@ BROKEN_JOBS = {
 JOBS = {**EQUIVALENCE_JOBS, **BROKEN_JOBS}
 
 
+# ------------------------------------------------------------------ spawn_group workers
+def failing_worker(rank: int, world_size: int) -> int:
+    """Rank 1 raises before any collective; rank 0 would wait in the barrier."""
+    if rank == 1:
+        raise ValueError("rank 1 found a bad shard")
+    dist_barrier()
+    return rank
+
+
+def hanging_worker(rank: int, world_size: int) -> int:
+    """The classic hang: rank 0 waits in a collective that rank 1 never reaches."""
+    import time
+    if rank == 1:
+        time.sleep(3600)
+    dist_barrier()
+    return rank
+
+
+def dist_barrier() -> None:
+    import torch.distributed as dist
+    dist.barrier()
+
+
+def bad_batch_step(seed: int) -> StepSpec:
+    """A factory whose batch (5) does not split into 2 equal shards."""
+    spec = lora_init_step(seed)
+    return replace(spec, batch=(spec.batch[0][:5],))
+
+
+def not_a_spec(seed: int) -> dict:
+    return {"model": None}
+
+
 # ------------------------------------------------------------------ decision workers
 STEPS = 20
 
@@ -293,7 +328,7 @@ def _rank_losses(rank: int, steps: int = STEPS) -> list[float]:
 
 
 def _rank_lora_norms(rank: int, steps: int = STEPS) -> list[float]:
-    """Per-rank mean ‖ΔW‖F: rank 0 drifts up slowly, rank 1 spikes past kill (2.0) at step 7."""
+    """Per-rank mean ‖ΔW‖F: rank 0 drifts up slowly; rank 1 spikes past kill 2.0 at step 7."""
     norms = [0.6 + 0.02 * s for s in range(steps)]
     if rank == 1:
         norms[7] = 2.5

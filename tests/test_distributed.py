@@ -83,10 +83,9 @@ def _spec(name):
 @pytest.mark.parametrize("system", SYSTEMS)
 def test_ddp_step_equals_single_process_step(suite, system):
     single, per_rank = _states(suite, system)
-    cap = _spec(system).max_norm
-    assert float(single["grad_norm_before_clip"]) > cap, \
-        f"{system}: the clip must bind (pre-clip norm {float(single['grad_norm_before_clip']):.4g}" \
-        f" <= cap {cap:g}), else global vs per-rank clipping cannot differ"
+    cap, norm = _spec(system).max_norm, float(single["grad_norm_before_clip"])
+    assert norm > cap, f"{system}: the clip must bind (pre-clip norm {norm:.4g} <= cap " \
+                       f"{cap:g}), else global vs per-rank clipping cannot differ"
     assert any(k.startswith("grad.") for k in single) and any(k.startswith("param.")
                                                               for k in single)
     assert_ddp_step_equivalent(single, per_rank)

@@ -1,0 +1,131 @@
+"""spawn_group's contract (a failing rank, a hanging rank: bounded time, no leftovers),
+the public ddp_equivalence path end to end, and bad input — one table.
+
+Three spawned groups here (~3 s each, plus the 6 s timeout of the hang test);
+everything else runs in this process without a process group.
+"""
+import math
+import multiprocessing
+import time
+
+import pytest
+import torch
+
+from invariants import (CollapseGuard, InvalidArgumentError, InvariantViolation,
+                        RankConsistentGuard, agree_across_ranks, assert_ddp_step_equivalent,
+                        assert_ranks_agree, ddp_equivalence, ddp_equivalences, ddp_token_mean,
+                        spawn_group, sum_reduction_scale)
+from reference_models import ddp_cases
+
+from tests.test_distributed import _thirty_second_limit  # noqa: F401  (autouse, 30 s)
+
+pytestmark = pytest.mark.distributed
+
+M = "reference_models.ddp_cases:"
+
+
+def _no_leftover_children():
+    alive = [p for p in multiprocessing.active_children() if p.is_alive()]
+    assert not alive, f"leftover processes: {alive}"
+
+
+# ------------------------------------------------------------------ spawn_group
+def test_a_failing_rank_is_reported_with_its_traceback_and_the_group_reaped():
+    with pytest.raises(RuntimeError, match=r"(?s)a rank of the 2-process gloo group failed:"
+                                           r".*--- rank1 ---.*ValueError: rank 1 found a bad "
+                                           r"shard"):
+        spawn_group(ddp_cases.failing_worker, 2, timeout=20)
+    _no_leftover_children()
+
+
+def test_a_hanging_rank_times_out_in_bounded_time_and_every_process_is_killed():
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"did not finish in 6s .* all processes were "
+                                           r"killed"):
+        spawn_group(ddp_cases.hanging_worker, 2, timeout=6)
+    assert time.monotonic() - started < 6 + 10  # the deadline, then terminate/kill + join
+    _no_leftover_children()
+
+
+def test_ddp_equivalence_public_path_lora_init():
+    single, per_rank = ddp_equivalence(M + "lora_init_step", timeout=25)
+    assert float(single["grad_norm_before_clip"]) > 0.05, "the clip must bind"
+    assert len(per_rank) == 2
+    assert_ddp_step_equivalent(single, per_rank)
+    _no_leftover_children()
+
+
+# ------------------------------------------------------------------ no process group
+def test_without_a_process_group_decisions_are_local():
+    assert agree_across_ranks(True) is True and agree_across_ranks(False) is False
+    assert agree_across_ranks(torch.tensor(1), op="all") is True
+    assert sum_reduction_scale() == 1
+    assert float(ddp_token_mean(torch.tensor(6.0), 4)) == 1.5
+    guard = RankConsistentGuard(CollapseGuard(mode="stop"))
+    with pytest.warns(UserWarning, match="non_finite"):
+        guard.update(0, {"loss": math.nan})
+    assert guard.should_stop and guard.findings
+
+
+@pytest.mark.parametrize("histories, message", [
+    ([[(0, False), (1, True)], [(0, False), (2, True)]],
+     r"expected every rank at the same step\n  observed: rank 0 at step 1, rank 1 at step 2"),
+    ([[(0, False), (1, False)], [(0, False)]],
+     r"rank 0 ran 2 steps, rank 1 ran 1"),
+    ([[(0, 0), (1, 0)], [(0, 0), (1, 0)], [(0, 0), (1, 1)]],
+     r"rank 2 disagreed at step 1: rank 0 decided 0, rank 2 decided 1\n  hint: reduce"),
+], ids=["steps_out_of_step", "rank_stopped_early", "third_rank_disagrees"])
+def test_assert_ranks_agree_names_the_rank_and_step(histories, message):
+    with pytest.raises(InvariantViolation, match=r"\[DDP\] assert_ranks_agree: (.|\n)*" + message):
+        assert_ranks_agree(histories)
+
+
+def test_assert_ranks_agree_passes_on_agreement():
+    assert_ranks_agree([[(0, 0), (1, 1)]] * 3)
+
+
+# ------------------------------------------------------------------ bad input, one table
+def _single():
+    return {"grad_norm_before_clip": torch.tensor(1.0)}
+
+
+BAD_INPUT = [
+    ("spawn_fn", lambda: spawn_group(42, 2), r"fn=42: must be a module-level callable"),
+    ("spawn_world_zero", lambda: spawn_group(ddp_cases.failing_worker, 0),
+     r"world_size=0: must be an integer >= 1"),
+    ("spawn_world_bool", lambda: spawn_group(ddp_cases.failing_worker, True),
+     r"world_size=True: must be an integer >= 1"),
+    ("spawn_timeout_zero", lambda: spawn_group(ddp_cases.failing_worker, 2, timeout=0),
+     r"timeout=0: must be a finite number > 0"),
+    ("spawn_timeout_nan", lambda: spawn_group(ddp_cases.failing_worker, 2, timeout=math.nan),
+     r"timeout=nan: must be a finite number > 0"),
+    ("agree_op", lambda: agree_across_ranks(True, op="sum"), r"op='sum': must be 'any' or 'all'"),
+    ("guard_type", lambda: RankConsistentGuard(object()), r"guard=.*: must be a CollapseGuard"),
+    ("factory_no_colon", lambda: ddp_equivalence("reference_models.ddp_cases"),
+     r"factory='reference_models.ddp_cases': must be 'package.module:function'"),
+    ("factory_missing", lambda: ddp_equivalence(M + "nope"),
+     r"factory='reference_models.ddp_cases:nope': cannot resolve it"),
+    ("factory_not_spec", lambda: ddp_equivalence(M + "not_a_spec"),
+     r"factory='reference_models.ddp_cases:not_a_spec': must return a StepSpec, got dict"),
+    ("batch_uneven", lambda: ddp_equivalence(M + "bad_batch_step"),
+     r"batch size=5: must be a positive multiple of world_size=2"),
+    ("clip", lambda: ddp_equivalence(M + "lora_init_step", clip="local"),
+     r"clip='local': must be one of \('global', 'per_rank'\)"),
+    ("jobs_empty", lambda: ddp_equivalences({}), r"jobs=\{\}: must be a non-empty mapping"),
+    ("job_unknown_key", lambda: ddp_equivalences({"a": {"factory": M + "lora_init_step",
+                                                        "lr": 1}}),
+     r"job=.*: has unknown keys \['lr'\]"),
+    ("token_count_zero", lambda: ddp_token_mean(torch.tensor(1.0), 0),
+     r"count=0.0: must be > 0 summed over ranks"),
+    ("histories_empty", lambda: assert_ranks_agree([]), r"histories=\[\]: needs at least one rank"),
+    ("per_rank_empty", lambda: assert_ddp_step_equivalent(_single(), []),
+     r"per_rank=\[\]: needs at least one rank"),
+]
+
+
+@pytest.mark.parametrize("call, message", [(c, m) for _, c, m in BAD_INPUT],
+                         ids=[i for i, _, _ in BAD_INPUT])
+def test_bad_input_is_rejected_before_any_process_starts(call, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        call()
+    _no_leftover_children()
