@@ -169,6 +169,15 @@ def test_nonreentrant_checkpoint_under_ddp_equals_plain_single_process_step(suit
     assert_ddp_step_equivalent(single, per_rank)
 
 
+def test_nonreentrant_checkpoint_under_ddp_is_bit_identical_to_plain_ddp(suite):
+    """Recomputation in backward replays the same kernels: not even a rounding difference."""
+    for rank in suite["ranks"]:
+        plain, ckpt = rank["steps"]["staged_modules"], rank["steps"]["staged_modules_ckpt"]
+        assert plain.keys() == ckpt.keys()
+        differ = [k for k in plain if not torch.equal(plain[k], ckpt[k])]
+        assert not differ, f"checkpointed DDP step differs from the plain one in {differ}"
+
+
 def test_reentrant_checkpoint_under_ddp_raises_in_backward(suite):
     """torch 2.13: the solver step is checkpointed 3x with the same parameters; the
     reentrant backward marks them ready once per recomputation and DDP's reducer raises
