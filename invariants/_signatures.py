@@ -166,6 +166,10 @@ class SignatureConfig:
     zclip_alpha: float = 0.97
     zclip_warmup: int = 25
     zclip_sigma_floor: float = 0.1  # ours: an alarm (not a clip) needs >= 25% above the EMA mean
+    # ours: ... and must stand out from the last `zclip_local_points` points (their median) by
+    # more than noise_k x the series' relative point noise: a lagging EMA on a trend, or one
+    # noisy batch, is not a spike (docs/signatures.md, golden runs)
+    zclip_local_points: int = 5
     # divergence: one-sided CUSUM of the relative excess of the smoothed loss over its best
     divergence_drift: float = 0.1  # k: half of a 20% rise (SPEC: "drift ~ half the expected change")
     divergence_h: float = 0.25     # decision interval (ours, see docs)
@@ -181,14 +185,18 @@ class SignatureConfig:
     lora_norm_warn: float = 1.0
     lora_norm_critical: float = 1.5
     lora_norm_kill: float = 2.0
-    # prediction entropy > 2.0 collapse (seed 000 §4; healthy < 0.5)
+    # prediction entropy > 2.0 collapse (seed 000 §4; healthy < 0.5), judged once the entropy
+    # has been healthy (< 0.5): an untrained classifier starts near ln(classes) (ours)
     entropy_max: float = 2.0
-    # attention sharpness < 0.1 collapse (seed 000 §4; healthy > 0.5)
+    entropy_healthy: float = 0.5
+    # attention sharpness < 0.1 collapse (seed 000 §4; healthy > 0.5), judged once healthy
     attention_min: float = 0.1
+    attention_healthy: float = 0.5
     # accuracy drop > 5% (relative) from its best (seed 000 §4), on the smoothed series
     accuracy_drop: float = 0.05
     noise_k: float = 6.0  # ours: a drop must also exceed 6x the series' relative point noise ...
-    noise_min_pairs: int = 20  # ... estimated from at least 20 point-to-point changes (ours)
+    noise_min_pairs: int = 20  # ... estimated from at least 20 point-to-point changes (ours);
+    # divergence phases its noise term in over those first 20 changes (weight m/20, ours)
     # background collapse >= 0.99 all-BG or <= 0.01 all-FG while targets lie between (seed 001)
     bg_high: float = 0.99
     bg_low: float = 0.01
@@ -216,7 +224,7 @@ class SignatureConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise InvalidArgumentError(f"{f.name}={v!r}: must be a finite number")
             if f.name in ("spike_window", "spike_min_periods", "zclip_warmup", "smooth_window",
-                          "noise_min_pairs",
+                          "noise_min_pairs", "zclip_local_points",
                           "plateau_patience", "mode_collapse_min_units", "repetition_run",
                           "seq_rep_n"):
                 require(isinstance(v, int) and v >= 1, f.name, v, "must be an integer >= 1")
@@ -233,6 +241,10 @@ class SignatureConfig:
         require(self.lora_norm_warn <= self.lora_norm_critical <= self.lora_norm_kill,
                 "lora_norm_warn", (self.lora_norm_warn, self.lora_norm_critical, self.lora_norm_kill),
                 "must satisfy warn <= critical <= kill")
+        require(self.entropy_healthy <= self.entropy_max, "entropy_healthy", self.entropy_healthy,
+                f"must be <= entropy_max={self.entropy_max}")
+        require(self.attention_healthy >= self.attention_min, "attention_healthy",
+                self.attention_healthy, f"must be >= attention_min={self.attention_min}")
         require(self.nan_batches_warn <= self.nan_batches_critical, "nan_batches_warn",
                 self.nan_batches_warn, f"must be <= nan_batches_critical={self.nan_batches_critical}")
         require(self.spike_min_periods <= self.spike_window, "spike_min_periods",
@@ -318,23 +330,38 @@ class _State:
 
 
 class Threshold(Detector):
-    """``x > bound`` (or ``x < bound``) at a ladder of levels: first crossing of each level."""
+    """``x > bound`` (or ``x < bound``) at a ladder of levels: first crossing of each level.
+
+    With ``healthy`` (a spike, not a level), a crossing counts only after some point was on
+    the healthy side of it (``x < healthy``, or ``x > healthy`` when ``above`` is False):
+    a metric that starts on the bad side and improves is a model still learning.
+    """
 
     def __init__(self, signature: str, metric: str, cfg: SignatureConfig,
-                 levels: Sequence[tuple[float, str, str]], above: bool = True):
+                 levels: Sequence[tuple[float, str, str]], above: bool = True,
+                 healthy: float | None = None):
         super().__init__(metric, cfg)
         self.signature = signature
         self.levels = tuple(levels)  # (bound, severity, what)
         self.above = above
+        self.healthy = healthy
 
     def _msg(self, x: float, bound: float, what: str) -> str:
         op = ">" if self.above else "<"
-        return f"{self.metric}={_g(x)} {op} {_g(bound)} ({what})"
+        if self.healthy is None:
+            return f"{self.metric}={_g(x)} {op} {_g(bound)} ({what})"
+        return (f"{self.metric}={_g(x)} {op} {_g(bound)} after having been healthy "
+                f"({'<' if self.above else '>'} {_g(self.healthy)}) ({what})")
 
     def scan(self, view, ctx):
         out = []
+        armed = None
+        if self.healthy is not None:
+            armed = np.logical_or.accumulate(
+                view.x < self.healthy if self.above else view.x > self.healthy)
         for bound, sev, what in self.levels:
-            i = _first(view.x > bound if self.above else view.x < bound)
+            hit = view.x > bound if self.above else view.x < bound
+            i = _first(hit if armed is None else hit & armed)
             if i >= 0:
                 out.append(self.finding(sev, view.step[i], view.x[i], bound,
                                         self._msg(view.x[i], bound, what)))
@@ -345,15 +372,21 @@ class Threshold(Detector):
 
 
 class _ThresholdState(_State):
-    __slots__ = ("det", "pending", "above")
+    __slots__ = ("det", "pending", "above", "healthy", "armed")
 
     def __init__(self, det: Threshold):
         self.det = det
         self.pending = list(det.levels)
         self.above = det.above
+        self.healthy = det.healthy
+        self.armed = det.healthy is None
         self.done = False
 
     def push(self, step, x, last):
+        if not self.armed:
+            if (x < self.healthy) if self.above else (x > self.healthy):
+                self.armed = True
+            return None  # a healthy point is never on the bad side (healthy <= bound)
         out = None
         for lvl in self.pending:
             bound = lvl[0]
@@ -548,20 +581,43 @@ def _linear_recurrence(u: np.ndarray, a: float) -> tuple[np.ndarray, float]:
     return Y.reshape(-1)[:n], bound * float(np.max(np.abs(u)))
 
 
+def _local_median(prev: list) -> float:
+    """Lower median of the previous points (sorted, element ``(len - 1) // 2``)."""
+    return sorted(prev)[(len(prev) - 1) // 2]
+
+
 class GradNormSpike(Detector):
-    """ZClip z-score: ``z = (g_i - mu_{i-1}) / sigma_{i-1} > z_thr`` after the warm-up.
+    """ZClip z-score: ``z = (g_i - mu_{i-1}) / sigma_{i-1} > z_thr`` after the warm-up,
+    and the point stands out from its neighbourhood: ``g_i - med_i > noise_k * nu_i * |med_i|``.
 
     ``mu_i = a mu_{i-1} + (1-a) g_i``, ``var_i = a var_{i-1} + (1-a)(g_i - mu_i)^2``,
     ``mu_0 = g_0``, ``var_0 = 0``; sigma floored at ``zclip_sigma_floor * mu``.
+    ``med_i`` is the (lower) median of the previous ``zclip_local_points`` points and
+    ``nu_i`` the relative point-to-point noise before point i (as in ``AccuracyDrop``).
+    ZClip's rule is a clipping rule: the EMA lags a trend (every point of a rising
+    grad norm is "above the mean") and on a noisy series one batch in a few hundred is
+    beyond 2.5 sigma.  The second condition asks for a jump well beyond the series' own
+    point-to-point noise, measured from where the series is now.
     """
 
     signature = "grad_norm_spike"
 
-    def _f(self, step, g, thr, mu, sd):
-        return self.finding("warning", step, g, thr,
-                            f"{self.metric}={_g(g)} > EMA mean {_g(mu)} + {_g(self.cfg.zclip_z)} "
+    def _f(self, step, g, thr, mu, sd, med, nu):
+        c = self.cfg
+        local = med + c.noise_k * nu * abs(med)
+        return self.finding("warning", step, g, max(thr, local),
+                            f"{self.metric}={_g(g)} > EMA mean {_g(mu)} + {_g(c.zclip_z)} "
                             f"sigma ({_g(sd)}) = {_g(thr)} (ZClip z-score, "
-                            f"alpha={_g(self.cfg.zclip_alpha)})")
+                            f"alpha={_g(c.zclip_alpha)}) and > {_g(local)}, the median "
+                            f"{_g(med)} of the previous {c.zclip_local_points} points plus "
+                            f"{_g(c.noise_k)} x their relative noise {_g(nu)}")
+
+    def _local(self, x: np.ndarray, nu: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """For candidate indices ``p`` (increasing): (p, medians) where the local rule holds."""
+        L = self.cfg.zclip_local_points
+        med = np.array([_local_median(x[max(q - L, 0):q].tolist()) for q in p.tolist()]) \
+            if len(p) else np.zeros(0)
+        return med, (x[p] - med) > self.cfg.noise_k * nu[p] * np.abs(med)
 
     def scan(self, view, ctx):
         cfg = self.cfg
@@ -582,8 +638,19 @@ class GradNormSpike(Detector):
         sd_eff = np.maximum(np.sqrt(vp), cfg.zclip_sigma_floor * np.abs(mp))
         thr = mp + cfg.zclip_z * sd_eff
         i = np.arange(1, n)
-        j = _first((i >= cfg.zclip_warmup) & (x[1:] > thr))
-        return [self._f(view.step[j + 1], x[j + 1], thr[j], mp[j], sd_eff[j])] if j >= 0 else []
+        cand = np.flatnonzero((i >= cfg.zclip_warmup) & (x[1:] > thr))  # indices into thr
+        if len(cand) == 0:
+            return []
+        nu = _noise(x, cfg.smooth_window)
+        for lo in range(0, len(cand), 256):  # the first candidate usually decides
+            c = cand[lo:lo + 256]
+            med, ok = self._local(x, nu, c + 1)
+            jj = _first(ok)
+            if jj >= 0:
+                j = int(c[jj])
+                return [self._f(view.step[j + 1], x[j + 1], thr[j], mp[j], sd_eff[j], med[jj],
+                                nu[j + 1])]
+        return []
 
     def _may_fire(self, x: np.ndarray, a: float, b: float) -> bool:
         """Fast screen: False only if no point can exceed the exact threshold.
@@ -623,11 +690,16 @@ class GradNormSpike(Detector):
 
 
 class _GradNormSpikeState(_State):
-    __slots__ = ("det", "i", "mu", "var", "a", "b", "z", "floor", "warm")
+    __slots__ = ("det", "i", "mu", "var", "a", "b", "z", "floor", "warm", "nz", "prev", "L",
+                 "nk")
 
     def __init__(self, det):
         cfg = det.cfg
         self.det = det
+        self.nz = _NoiseState(cfg.smooth_window)
+        self.prev: list[float] = []  # the last zclip_local_points points
+        self.L = cfg.zclip_local_points
+        self.nk = cfg.noise_k
         self.i = 0
         self.mu = 0.0
         self.var = 0.0
@@ -642,8 +714,11 @@ class _GradNormSpikeState(_State):
         i = self.i
         self.i = i + 1
         a, b = self.a, self.b
+        nu = self.nz.push(g)
+        prev = self.prev
         if i == 0:
             self.mu = g
+            prev.append(g)
             return None
         out = None
         if i >= self.warm:
@@ -653,8 +728,13 @@ class _GradNormSpikeState(_State):
             sd_eff = sd if sd >= fl else fl
             thr = mu + self.z * sd_eff
             if g > thr:
-                out = [self.det._f(step, g, thr, mu, sd_eff)]
-                self.done = True
+                med = _local_median(prev)
+                if g - med > self.nk * nu * abs(med):
+                    out = [self.det._f(step, g, thr, mu, sd_eff, med, nu)]
+                    self.done = True
+        if len(prev) == self.L:
+            prev.pop(0)
+        prev.append(g)
         mu = a * self.mu + b * g
         d = g - mu
         self.var = a * self.var + b * (d * d)
@@ -770,8 +850,11 @@ class Divergence(Detector):
     ``ref_i = min s``; ``e_i = (s_i - ref_i)/|ref_i|``;
     ``S_i = max(0, S_{i-1} + e_i - k_i)`` computed as ``D_i - min(0, min D)`` with
     ``D = cumsum(e - k)``; flag ``S_i > h``.  The drift ``k_i = max(divergence_drift,
-    noise_k * nu_i / sqrt(m_i))`` once ``noise_min_pairs`` changes are known (as in
-    ``AccuracyDrop``): a noisy raw series has a running minimum that is an outlier.
+    noise_k * nu_i / sqrt(m_i) * min(c_i, noise_min_pairs) / noise_min_pairs)`` with
+    ``c_i = i - 1`` the point-to-point changes seen before point i (``nu`` as in
+    ``AccuracyDrop``): a noisy raw series has a running minimum that is an outlier.  The
+    noise term is phased in over the first ``noise_min_pairs`` changes (shrunk towards the
+    fixed drift while the noise estimate rests on few pairs), not switched on at 20.
     """
 
     signature = "divergence"
@@ -793,9 +876,11 @@ class Divergence(Detector):
         idx = np.arange(len(x))
         for a, b, smoothed in _segments(len(x), w):
             seg = s[a:b]
-            k = np.maximum(c.noise_k * nu[a:b] / (math.sqrt(w) if smoothed else 1.0),
+            # noise term phased in over the first noise_min_pairs changes (weight m / 20)
+            wgt = np.minimum(np.maximum(idx[a:b] - 1, 0), c.noise_min_pairs) / \
+                float(c.noise_min_pairs)
+            k = np.maximum(c.noise_k * nu[a:b] / (math.sqrt(w) if smoothed else 1.0) * wgt,
                            c.divergence_drift)
-            k = np.where(idx[a:b] > c.noise_min_pairs, k, c.divergence_drift)
             ref = np.minimum.accumulate(seg)
             e = (seg - ref) / np.maximum(np.abs(ref), 1e-12)
             D = np.cumsum(e - k)
@@ -810,7 +895,7 @@ class Divergence(Detector):
 
 
 class _DivergenceState(_State):
-    __slots__ = ("det", "sm", "nz", "ref", "D", "Dmin", "k", "h", "nk", "sqw", "minp")
+    __slots__ = ("det", "sm", "nz", "ref", "D", "Dmin", "k", "h", "nk", "sqw", "minp", "minpf")
 
     def __init__(self, det):
         cfg = det.cfg
@@ -824,7 +909,8 @@ class _DivergenceState(_State):
         self.h = cfg.divergence_h
         self.nk = cfg.noise_k
         self.sqw = math.sqrt(cfg.smooth_window)
-        self.minp = cfg.noise_min_pairs + 1
+        self.minp = cfg.noise_min_pairs
+        self.minpf = float(cfg.noise_min_pairs)
         self.done = False
 
     def push(self, step, x, last):
@@ -836,8 +922,10 @@ class _DivergenceState(_State):
             self.D = 0.0
             self.Dmin = math.inf
         k = self.k
-        if n > self.minp:
+        m = n - 2  # point-to-point changes seen before this point
+        if m > 0:
             kn = self.nk * nu / (self.sqw if n >= self.sm.w else 1.0)
+            kn = kn * ((m if m < self.minp else self.minp) / self.minpf)
             if kn > k:
                 k = kn
         ref = self.ref = s if s < self.ref else self.ref
@@ -1259,9 +1347,10 @@ def build_detectors(cfg: SignatureConfig | None = None) -> dict[str, list[Detect
     d["lora_norm"].append(Threshold("lora_norm_kill", "lora_norm", c, [
         (c.lora_norm_kill, "critical", "kill threshold: stop training, seed 000")]))
     d["entropy"].append(Threshold("entropy_spike", "entropy", c, [
-        (c.entropy_max, "critical", "collapse; healthy < 0.5, seed 000")]))
+        (c.entropy_max, "critical", "collapse, seed 000")], healthy=c.entropy_healthy))
     d["attention_sharpness"].append(Threshold("attention_collapse", "attention_sharpness", c, [
-        (c.attention_min, "critical", "collapse; healthy > 0.5, seed 000")], above=False))
+        (c.attention_min, "critical", "collapse, seed 000")], above=False,
+        healthy=c.attention_healthy))
     for m in ("accuracy", "val_accuracy"):
         d[m].append(AccuracyDrop(m, c))
     d["bg_fraction"].append(BackgroundCollapse("bg_fraction", c))
