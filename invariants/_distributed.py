@@ -182,21 +182,28 @@ def assert_ranks_agree(histories: Sequence[Sequence[tuple[int, bool]]], *,
       histories: per rank, the list of ``(step, decision)`` it recorded.
 
     Raises:
-      InvariantViolation: naming the first step at which a rank disagreed with rank 0.
+      InvariantViolation: naming the earliest step at which a rank disagreed with rank 0
+        (and every rank's decision there), ranks at different steps, or ranks that ran
+        different numbers of steps.
     """
     __tracebackhide__ = True
     require(len(histories) >= 1, "histories", histories, "needs at least one rank")
-    ref = list(histories[0])
-    for rank, hist in enumerate(histories[1:], start=1):
-        for (s0, d0), (s, d) in zip(ref, hist):
+    histories = [list(h) for h in histories]
+    ref = histories[0]
+    for i in range(min(len(h) for h in histories)):  # the earliest step over all ranks
+        s0, d0 = ref[i]
+        for rank, hist in enumerate(histories[1:], start=1):
+            s, d = hist[i]
             if s0 != s:
                 fail("every rank at the same step", f"rank 0 at step {s0}, rank {rank} at step {s}")
             if d0 != d:
+                by_rank = [h[i][1] for h in histories]
                 fail(f"the same {what} on every rank at every step",
                      f"rank {rank} disagreed at step {s}: rank 0 decided {d0}, rank {rank} "
-                     f"decided {d}",
+                     f"decided {d} (decisions by rank at step {s}: {by_rank})",
                      hint="reduce the decision across ranks (agree_across_ranks) before acting "
                           "on it; a rank that stops alone hangs the others in the next collective")
+    for rank, hist in enumerate(histories[1:], start=1):
         if len(hist) != len(ref):
             fail("every rank to run the same number of steps",
                  f"rank 0 ran {len(ref)} steps, rank {rank} ran {len(hist)}")
@@ -423,6 +430,8 @@ def run_ddp_jobs(rank: int, world_size: int, jobs: Mapping[str, Any], *,
             out[name] = {"error": f"{type(exc).__name__}: {exc}"}
         finally:
             dist.barrier()
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group(group)
     return out
 
 

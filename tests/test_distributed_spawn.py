@@ -73,8 +73,11 @@ def test_without_a_process_group_decisions_are_local():
     ([[(0, False), (1, False)], [(0, False)]],
      r"rank 0 ran 2 steps, rank 1 ran 1"),
     ([[(0, 0), (1, 0)], [(0, 0), (1, 0)], [(0, 0), (1, 1)]],
-     r"rank 2 disagreed at step 1: rank 0 decided 0, rank 2 decided 1\n  hint: reduce"),
-], ids=["steps_out_of_step", "rank_stopped_early", "third_rank_disagrees"])
+     r"rank 2 disagreed at step 1: rank 0 decided 0, rank 2 decided 1 \(decisions by rank at "
+     r"step 1: \[0, 0, 1\]\)\n  hint: reduce"),
+    ([[(0, 0), (1, 0), (2, 0)], [(0, 0), (1, 0), (2, 1)], [(0, 0), (1, 1), (2, 1)]],
+     r"rank 2 disagreed at step 1"),  # the earliest step wins over the lower rank
+], ids=["steps_out_of_step", "rank_stopped_early", "third_rank_disagrees", "earliest_step"])
 def test_assert_ranks_agree_names_the_rank_and_step(histories, message):
     with pytest.raises(InvariantViolation, match=r"\[DDP\] assert_ranks_agree: (.|\n)*" + message):
         assert_ranks_agree(histories)
