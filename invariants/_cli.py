@@ -36,20 +36,21 @@ def _table(outcomes: list[Outcome]) -> str:
     for o in outcomes:
         rows[(o.case.system, o.case.invariant)].append(o)
     sys_w = max([len("SYSTEM")] + [len(k[0]) for k in rows])
-    lines = [f"{'SYSTEM':<{sys_w}}  {'INV':<4} {'FIXED':<9} {'BROKEN':<14} TIME"]
+    lines = [f"{'SYSTEM':<{sys_w}}  {'INV':<4} {'FIXED':<9} {'BROKEN':<25} TIME"]
     for (system, inv), group in rows.items():
         fixed = [o for o in group if o.case.expected == "holds"]
         broken = [o for o in group if o.case.expected != "holds"]
         fixed_txt = ",".join(o.outcome for o in fixed) or "—"
-        if broken:
-            n_ok = sum(o.ok for o in broken)
-            label = "refuted" if all(o.case.expected == "refuted" for o in broken) else "caught"
-            broken_txt = f"{label} {n_ok}/{len(broken)}" if n_ok == len(broken) else \
-                ",".join(o.outcome for o in broken if not o.ok)
-        else:
-            broken_txt = "—"
+        parts = []
+        for kind, label in (("caught", "caught"), ("refuted", "refuted")):
+            group_kind = [o for o in broken if o.case.expected == kind]
+            if group_kind:
+                n_ok = sum(o.ok for o in group_kind)
+                parts.append(f"{label} {n_ok}/{len(group_kind)}" if n_ok == len(group_kind)
+                             else ",".join(o.outcome for o in group_kind if not o.ok))
+        broken_txt = ", ".join(parts) or "—"
         secs = sum(o.seconds for o in group)
-        lines.append(f"{system:<{sys_w}}  {inv:<4} {fixed_txt:<9} {broken_txt:<14} {secs:5.1f}s")
+        lines.append(f"{system:<{sys_w}}  {inv:<4} {fixed_txt:<9} {broken_txt:<25} {secs:5.1f}s")
         for o in group:
             if o.outcome == "error" or (not o.ok and o.case.expected == "holds"):
                 lines.append(f"    {o.case.variant}: {o.outcome}: {_first(o.detail)}")
