@@ -35,9 +35,12 @@ __all__ = [
     "GoldenRun",
     "GoldenTolerance",
     "assert_matches_golden",
+    "assert_ranks_logged_same_curves",
     "compare_curves",
     "device_key",
     "deterministic",
+    "distributed_deviations",
+    "execute_distributed",
     "findings_of",
     "one_thread",
     "read_golden",
@@ -70,6 +73,8 @@ class GoldenTolerance:
 # in practice; the slack absorbs a different BLAS build). Runs override per metric from
 # measured spread (`invariants golden --repeat N`), never by guessing.
 DEFAULT_TOLERANCE = GoldenTolerance(rtol=1e-5, atol=1e-6)
+# Where spawned ranks find the runs by name (a run's fn is a closure: it cannot be sent).
+DEFAULT_RUNS_MODULE = "reference_models.golden_runs"
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,18 @@ class GoldenRun:
       note: what the run can and cannot reproduce of the seed's collapse (stored in the file).
       signature_config: the ``SignatureConfig`` its curves are scanned with; it must be the
         same for a system's fixed and broken run (stored in ``config`` so it is hashed).
+      distributed_tolerances: per-metric tolerances for comparing a world-size >= 2 run
+        (``assert_matches_golden(world_size=2)``) with the world-size-1 golden; measured
+        (``invariants golden --world-size 2 --deviations``). Unlisted metrics use
+        ``tolerance(metric)``. Not hashed: the golden itself does not depend on them.
+      distributed_exclusions: ``{metric: reason}`` for metrics that cannot match the
+        world-size-1 golden under data parallelism; they are still required to be
+        identical on every rank, and the reason is printed with every comparison.
+      distributed_horizon: ``(step, reason)``: at world size >= 2 compare the curves and
+        the findings only at steps < ``step``. For a run whose dynamics amplify the
+        float32 rounding of the gradient average (a broken, unstable run): the measured
+        step where the deviation starts its exponential growth. Beyond it, the run's
+        ``check`` and its listed ``signatures`` must still hold on the obtained curves.
     """
 
     name: str
@@ -101,6 +118,19 @@ class GoldenRun:
     seed: int = 0
     note: str = ""
     signature_config: Any = None  # a SignatureConfig for scanning this run (None: defaults)
+    distributed_tolerances: Mapping[str, GoldenTolerance] = field(default_factory=dict)
+    distributed_exclusions: Mapping[str, str] = field(default_factory=dict)
+    distributed_horizon: tuple[int, str] | None = None
+
+    def __post_init__(self) -> None:
+        for metric, why in self.distributed_exclusions.items():
+            require(isinstance(why, str) and why.strip() != "", f"distributed_exclusions[{metric!r}]",
+                    why, "must give the reason the metric cannot match (never exclude silently)")
+        if self.distributed_horizon is not None:
+            step, why = self.distributed_horizon
+            require(isinstance(step, int) and step >= 1 and isinstance(why, str) and why.strip(),
+                    "distributed_horizon", self.distributed_horizon,
+                    "must be (step >= 1, the measured reason)")
 
     @property
     def config_sha256(self) -> str:
@@ -110,6 +140,10 @@ class GoldenRun:
 
     def tolerance(self, metric: str) -> GoldenTolerance:
         return self.tolerances.get(metric, DEFAULT_TOLERANCE)
+
+    def distributed_tolerance(self, metric: str) -> GoldenTolerance:
+        """The tolerance of ``metric`` when a world-size >= 2 run is compared with the golden."""
+        return self.distributed_tolerances.get(metric, self.tolerance(metric))
 
 
 def device_key(device: torch.device | str) -> str:
@@ -340,6 +374,19 @@ class Mismatch:
                 f"(|diff| {abs(self.obtained - self.golden):.3g} > allowed {self.allowed:.3g})")
 
 
+def _before(curve: tuple[list, list], horizon: int | None) -> tuple[list, list]:
+    steps, values = curve
+    if horizon is None:
+        return curve
+    keep = [i for i, st in enumerate(steps) if st < horizon]
+    return [steps[i] for i in keep], [values[i] for i in keep]
+
+
+def _before_golden(curve: Mapping[str, list], horizon: int | None) -> Mapping[str, list]:
+    steps, values = _before((curve["steps"], curve["values"]), horizon)
+    return {"steps": steps, "values": values}
+
+
 def compare_curves(obtained: Curves, golden: Mapping[str, Mapping[str, list]],
                    tolerance: Callable[[str], GoldenTolerance]) -> list[Mismatch | str]:
     """Per-metric worst mismatch (or a structural problem as a string)."""
@@ -416,27 +463,62 @@ def _plot(path: Path, run: str, obtained: Curves, golden: Mapping[str, Any],
 @invariant_check("golden")
 def assert_matches_golden(run: GoldenRun, golden_dir: Path, *, device: torch.device | str = "cpu",
                           output_dir: Path, curves: Curves | None = None,
-                          ci: bool | None = None) -> Curves:
+                          ci: bool | None = None, world_size: int = 1,
+                          per_rank: Sequence[Curves] | None = None,
+                          runs_module: str = DEFAULT_RUNS_MODULE,
+                          timeout: float = 120.0) -> Curves:
     """Run (or take ``curves``), compare with ``golden/<run>/<device-key>.json``, return the curves.
+
+    With ``world_size >= 2`` the run is executed data-parallel on that many gloo ranks
+    (``execute_distributed``, or take their curves as ``per_rank``). Every rank must
+    have logged the same curves (``assert_ranks_logged_same_curves``); rank 0's curves
+    are compared with the world-size-1 golden using ``run.distributed_tolerance`` and
+    without ``run.distributed_exclusions``. Returns rank 0's curves.
 
     Raises:
       InvariantViolation: a stale golden (config hash changed), a missing golden, or
         curves outside the per-metric tolerance table; the message names the metric,
         step, golden and obtained values, the written ``.obtained.json`` and plot, and
-        how to update.
-      GoldenError: the golden file is corrupt, from a future schema, or for another run.
+        how to update. At world size >= 2 also: ranks that logged different curves
+        (naming the metric, step and rank).
+      GoldenError: the golden file is corrupt, from a future schema, or for another run;
+        an exclusion names a metric the run does not log.
     """
     __tracebackhide__ = True
+    require(isinstance(world_size, int) and not isinstance(world_size, bool) and world_size >= 1,
+            "world_size", world_size, "must be an integer >= 1")
     device = torch.device(device)
     key = device_key(device)
     path = Path(golden_dir) / run.name / f"{key}.json"
     update_hint = (f"if the change is intended, regenerate with `pytest -m golden "
                    f"--golden-update -k {run.name}` or `invariants golden --update --run "
                    f"{run.name}` (rewrites only {key})")
-    if curves is None:
+    tolerance = run.tolerance
+    excluded: Mapping[str, str] = {}
+    suffix, where = "", f"({key})"
+    if world_size > 1:
+        if per_rank is None:
+            per_rank = execute_distributed([run], world_size, runs_module=runs_module,
+                                           device=device, timeout=timeout)[run.name]
+        require(len(per_rank) == world_size, "per_rank", f"{len(per_rank)} ranks",
+                f"must hold one curve set per rank (world_size={world_size})")
+        assert_ranks_logged_same_curves(run.name, per_rank)
+        curves = per_rank[0]
+        excluded = run.distributed_exclusions
+        unknown = sorted(set(excluded) - set(curves))
+        if unknown:
+            raise GoldenError(f"run {run.name!r}: distributed_exclusions name metrics the run "
+                              f"does not log: {unknown}")
+        tolerance = run.distributed_tolerance
+        suffix, where = f".ws{world_size}", f"({key}, world size {world_size}, rank 0)"
+        update_hint = (f"the golden is the world-size-1 run: if `invariants golden --run "
+                       f"{run.name}` matches, the data-parallel path of the training function "
+                       f"differs (see `invariants golden --world-size {world_size} --deviations "
+                       f"--run {run.name}`)")
+    elif curves is None:
         curves = _execute(run, device)
     output_dir = Path(output_dir)
-    obtained_path = output_dir / f"{run.name}.{key}.obtained.json"
+    obtained_path = output_dir / f"{run.name}.{key}{suffix}.obtained.json"
     ci = bool(os.environ.get("CI")) if ci is None else ci
     if not path.exists():
         raise InvariantViolation(
@@ -451,13 +533,36 @@ def assert_matches_golden(run: GoldenRun, golden_dir: Path, *, device: torch.dev
             f"stale golden, regenerate: {path} was recorded for config sha256 "
             f"{str(stored_sha)[:12]}…, the run's config is now {run.config_sha256[:12]}… "
             f"(this is not a tolerance failure: the run itself changed). {update_hint}")
-    problems: list[Mismatch | str] = compare_curves(curves, golden["metrics"], run.tolerance)
+    horizon = run.distributed_horizon[0] if world_size > 1 and run.distributed_horizon else None
+    problems: list[Mismatch | str] = compare_curves(
+        {m: _before(c, horizon) for m, c in curves.items() if m not in excluded},
+        {m: _before_golden(g, horizon) for m, g in golden["metrics"].items()
+         if m not in excluded}, tolerance)
     found = findings_of(run, curves)
-    if found != golden["signatures"]:
+    want_findings = golden["signatures"]
+    if horizon is not None:
+        found_early = [f for f in found if f["step"] < horizon]
+        want_findings = [f for f in want_findings if f["step"] < horizon]
+    else:
+        found_early = found
+    if found_early != want_findings:
         key_of = lambda f: (f["signature"], f["metric"], f["severity"], f["step"])  # noqa: E731
-        want, got = {key_of(f) for f in golden["signatures"]}, {key_of(f) for f in found}
+        want, got = {key_of(f) for f in want_findings}, {key_of(f) for f in found_early}
         problems.append(f"  collapse signatures changed: new {sorted(got - want)}, "
-                        f"gone {sorted(want - got)}")
+                        f"gone {sorted(want - got)}"
+                        + (f" (steps < {horizon})" if horizon is not None else ""))
+    if world_size > 1:   # the run's mechanism must show under data parallelism too
+        shown = {(f["signature"], f["metric"]) for f in found}
+        missing = [pair for pair in run.signatures if tuple(pair) not in shown]
+        if missing:
+            problems.append(f"  the run's documented signatures are missing: {missing}")
+        if run.check is not None:
+            try:
+                run.check(curves)
+            except InvariantViolation as exc:
+                problems.append(f"  the run's own check fails: {exc}")
+        if horizon is not None and problems:
+            problems.append(f"  compared at steps < {horizon} only: {run.distributed_horizon[1]}")
     if problems:
         write_json_atomic(obtained_path, {
             "schema_version": SCHEMA_VERSION, "run": run.name,
@@ -465,16 +570,140 @@ def assert_matches_golden(run: GoldenRun, golden_dir: Path, *, device: torch.dev
             "metrics": {m: {"steps": s, "values": [v if isinstance(v, str) or math.isfinite(v)
                                                    else str(v) for v in vals]}
                         for m, (s, vals) in sorted(curves.items())},
-            "tolerances": {m: {"rtol": run.tolerance(m).rtol, "atol": run.tolerance(m).atol}
+            "tolerances": {m: {"rtol": tolerance(m).rtol, "atol": tolerance(m).atol}
                            for m in sorted(curves)},
             "signatures": found})
-        plot = _plot(output_dir / f"{run.name}.{key}.obtained.png", run.name, curves,
+        plot = _plot(output_dir / f"{run.name}.{key}{suffix}.obtained.png", run.name, curves,
                      golden["metrics"], problems)
         lines = [p.line() if isinstance(p, Mismatch) else p for p in problems]
+        lines += [f"  {m}: excluded from the world-size-{world_size} comparison: {why}"
+                  for m, why in sorted(excluded.items())]
         raise InvariantViolation(
-            f"golden run {run.name!r} ({key}) differs from {path}:\n" + "\n".join(lines) +
+            f"golden run {run.name!r} {where} differs from {path}:\n" + "\n".join(lines) +
             f"\n  obtained curves: {obtained_path}\n  plot: {plot}\n  {update_hint}")
     return curves
+
+
+# ------------------------------------------------------- world size >= 2 (torch.distributed)
+def _golden_rank_worker(rank: int, world_size: int, runs_module: str, names: list[str],
+                        device: str, reduce_metrics: bool) -> dict[str, dict[str, list]]:
+    """One rank: every named run under ``deterministic(seed)``, inside the process group.
+
+    ``reduce_metrics=False`` sets ``reference_models.data_parallel.REDUCE_METRICS`` to
+    False in this rank: each rank then logs its own shard's metrics (the classic bug
+    ``assert_ranks_logged_same_curves`` exists to catch).
+    """
+    if not reduce_metrics:
+        from reference_models import data_parallel
+        data_parallel.REDUCE_METRICS = False
+    runs = _load_runs(runs_module, names)
+    out = {}
+    for run in runs:
+        curves = _execute(run, torch.device(device))
+        out[run.name] = {m: [list(st), list(vals)] for m, (st, vals) in curves.items()}
+    return out
+
+
+def execute_distributed(runs: Sequence[GoldenRun], world_size: int = 2, *,
+                        runs_module: str = DEFAULT_RUNS_MODULE, device: torch.device | str = "cpu",
+                        timeout: float = 120.0, reduce_metrics: bool = True
+                        ) -> dict[str, list[Curves]]:
+    """Run golden runs on ``world_size`` gloo ranks (one spawned group for all of them).
+
+    The ranks import ``runs_module`` and look the runs up by name (a run's ``fn`` is a
+    closure and cannot be sent to a spawned process); a run whose config there differs
+    from the caller's is a GoldenError. The training functions go data-parallel under
+    the process group (``reference_models.data_parallel``). Returns
+    ``{run name: [rank 0 curves, rank 1 curves, ...]}``.
+    """
+    from invariants._distributed import spawn_group
+    require(isinstance(world_size, int) and not isinstance(world_size, bool) and world_size >= 2,
+            "world_size", world_size, "must be an integer >= 2 (world size 1 is _execute)")
+    device = torch.device(device)
+    require(device.type == "cpu", "device", device, "distributed golden runs use gloo on cpu")
+    known = {r.name: r for r in _load_runs(runs_module, [])}
+    for run in runs:
+        if run.name not in known or known[run.name].config_sha256 != run.config_sha256:
+            raise GoldenError(f"run {run.name!r}: {runs_module}.RUNS has no run of that name with "
+                              "the same config; the ranks could not run it")
+    names = [r.name for r in runs]
+    per_rank = spawn_group(_golden_rank_worker, world_size, runs_module, names, str(device),
+                           reduce_metrics, timeout=timeout)
+    return {name: [{m: (list(st), list(vals)) for m, (st, vals) in ranks[name].items()}
+                   for ranks in per_rank] for name in names}
+
+
+@invariant_check("golden")
+def assert_ranks_logged_same_curves(run_name: str, per_rank: Sequence[Curves]) -> None:
+    """Every rank logged the same metrics, steps and values as rank 0 (exactly).
+
+    A data-parallel run reduces its metrics over the ranks; a metric that was not
+    reduced shows up as a rank logging its own shard's value.
+
+    Raises:
+      InvariantViolation: naming the earliest step at which a rank disagrees, the
+        metric, both values, and every other metric that disagrees.
+    """
+    __tracebackhide__ = True
+    ref = per_rank[0]
+    disagreements = []   # (step, metric, rank, rank-0 value, rank value)
+    for rank, curves in enumerate(per_rank[1:], start=1):
+        if set(curves) != set(ref):
+            raise InvariantViolation(
+                f"run {run_name!r}: rank {rank} logged metrics {sorted(curves)}, rank 0 logged "
+                f"{sorted(ref)}")
+        for metric in sorted(ref):
+            (s0, v0), (s1, v1) = ref[metric], curves[metric]
+            if list(s0) != list(s1):
+                raise InvariantViolation(
+                    f"run {run_name!r}: rank {rank} logged {metric!r} at steps {list(s1)[:5]}..., "
+                    f"rank 0 at {list(s0)[:5]}... ({len(s1)} vs {len(s0)} points)")
+            for step, a, b in zip(s0, v0, v1):
+                same = a == b or (isinstance(a, float) and isinstance(b, float)
+                                  and math.isnan(a) and math.isnan(b))
+                if not same:
+                    disagreements.append((step, metric, rank, a, b))
+                    break
+    if disagreements:
+        step, metric, rank, a, b = min(disagreements, key=lambda d: (d[0], d[2], d[1]))
+        others = sorted({f"{m} (rank {r}, step {st})" for st, m, r, _, _ in disagreements
+                         if (m, r) != (metric, rank)})
+        raise InvariantViolation(
+            f"run {run_name!r}: rank {rank} disagreed with rank 0 on {metric!r} at step {step}: "
+            f"rank 0 logged {a!r}, rank {rank} logged {b!r} (every rank must log the "
+            f"full-batch value: is the metric reduced over the ranks?)"
+            + (f"\n  also disagreeing, first step each: {', '.join(others)}" if others else ""))
+
+
+def distributed_deviations(curves: Curves, golden: Mapping[str, Mapping[str, list]]
+                           ) -> dict[str, dict[str, Any]]:
+    """Per metric: bit-identical or not, the largest |diff| and relative diff, and where.
+
+    What the distributed tolerance table is set from (with a margin, documented).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for metric in sorted(set(curves) & set(golden)):
+        values, g_values = curves[metric][1], golden[metric]["values"]
+        steps = curves[metric][0]
+        if any(isinstance(v, str) for v in list(values) + list(g_values)):
+            differ = sum(a != b for a, b in zip(values, g_values))
+            out[metric] = {"exact": differ == 0 and len(values) == len(g_values),
+                           "texts_differ": differ, "of": len(values)}
+            continue
+        if len(values) != len(g_values):
+            out[metric] = {"exact": False, "length": (len(values), len(g_values))}
+            continue
+        o = np.asarray(values, dtype=np.float64)
+        g = np.asarray(g_values, dtype=np.float64)
+        diff = np.abs(o - g)
+        rel = np.where(np.abs(g) > 0, diff / np.where(np.abs(g) > 0, np.abs(g), 1.0), diff)
+        i = int(np.argmax(diff)) if len(diff) else 0
+        first = next((steps[k] for k in range(len(diff)) if diff[k] != 0), None)
+        out[metric] = {"exact": bool((o == g).all()), "max_abs": float(diff.max(initial=0.0)),
+                       "max_rel": float(rel.max(initial=0.0)),
+                       "worst_step": steps[i] if len(diff) else None,
+                       "first_inexact_step": first}
+    return out
 
 
 def run_spread(run: GoldenRun, repeats: int, device: torch.device | str = "cpu"
@@ -512,6 +741,14 @@ def register(subparsers) -> None:
     p.add_argument("--golden-dir", default="golden", help="default: %(default)s")
     p.add_argument("--output", default="golden-obtained",
                    help="where mismatches write .obtained.json and plots (default: %(default)s)")
+    p.add_argument("--world-size", type=int, default=1, metavar="W",
+                   help="run data-parallel on W gloo CPU ranks (one spawned group) and compare "
+                        "rank 0 with the world-size-1 golden (default: %(default)s)")
+    p.add_argument("--deviations", action="store_true",
+                   help="with --world-size >= 2: print each metric's largest deviation from "
+                        "the golden (to set distributed_tolerances from measurement)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="with --world-size >= 2: seconds for the whole group (default: %(default)s)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--update", action="store_true",
                        help="rewrite golden/<run>/<this device key>.json (other keys untouched)")
@@ -541,6 +778,10 @@ def _cmd_golden(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InvalidArgumentError("--device=cuda: torch.cuda.is_available() is False here")
     device = torch.device(args.device)
+    require(args.world_size >= 1, "--world-size", args.world_size, "must be >= 1")
+    if args.world_size > 1:
+        return _cmd_golden_distributed(args, runs, device)
+    require(not args.deviations, "--deviations", True, "needs --world-size >= 2")
     failed = 0
     for run in runs:
         if args.repeat is not None:
@@ -561,4 +802,42 @@ def _cmd_golden(args) -> int:
             except InvariantViolation as exc:
                 failed += 1
                 print(f"{run.name} ({device_key(device)}): MISMATCH\n{exc}")
+    return 1 if failed else 0
+
+
+def _cmd_golden_distributed(args, runs: Sequence[GoldenRun], device: torch.device) -> int:
+    for flag, value in (("--update", args.update), ("--repeat", args.repeat)):
+        require(not value, flag, value, "is for world size 1 (the golden is the single-process "
+                "run); with --world-size >= 2 the runs are compared with it")
+    per_run = execute_distributed(runs, args.world_size, runs_module=args.runs, device=device,
+                                  timeout=args.timeout)
+    failed = 0
+    for run in runs:
+        label = f"{run.name} ({device_key(device)}, world size {args.world_size})"
+        try:
+            assert_matches_golden(run, Path(args.golden_dir), device=device,
+                                  output_dir=Path(args.output), world_size=args.world_size,
+                                  per_rank=per_run[run.name], runs_module=args.runs)
+            print(f"{label}: matches golden; every rank logged the same curves")
+        except InvariantViolation as exc:
+            failed += 1
+            print(f"{label}: MISMATCH\n{exc}")
+        for metric, why in sorted(run.distributed_exclusions.items()):
+            print(f"  {metric}: not compared at world size {args.world_size}: {why}")
+        if run.distributed_horizon is not None:
+            step, why = run.distributed_horizon
+            print(f"  compared at steps < {step} only: {why}")
+        if args.deviations:
+            golden = read_golden(Path(args.golden_dir) / run.name / f"{device_key(device)}.json")
+            for metric, d in distributed_deviations(per_run[run.name][0],
+                                                    golden["metrics"]).items():
+                tol = run.distributed_tolerance(metric)
+                if "max_abs" in d:
+                    detail = (f"max |diff| {d['max_abs']:.3g} (step {d['worst_step']})   max "
+                              f"relative {d['max_rel']:.3g}   first inexact step "
+                              f"{d['first_inexact_step']}")
+                else:
+                    detail = ", ".join(f"{k} {v}" for k, v in d.items() if k != "exact")
+                print(f"  {metric:<24} {'bit-identical' if d['exact'] else 'differs'}   "
+                      f"{detail}   (tolerance rtol={tol.rtol:g}, atol={tol.atol:g})")
     return 1 if failed else 0

@@ -40,8 +40,10 @@ from invariants import (one_thread, Case, LRScheduleConfig, assert_best_checkpoi
                         assert_stage_boundary_keeps_optimizer_state,
                         assert_validation_split_sound, gradient_sets, lr_schedule_configs,
                         split_sizes, val_loss_sequences)
+from invariants._distributed import agree_across_ranks, ddp_token_mean
 from invariants._errors import require
 from invariants._pipeline import require_max_norm, require_min_delta, require_patience
+from reference_models import data_parallel
 
 SYSTEM = "curriculum_lm"
 SOURCES = ("add", "sub", "cmp", "recall")
@@ -480,6 +482,8 @@ def _train(cfg: CurriculumLMConfig, seed: int, max_epochs: int | None,
     out: dict[str, Any] = {k: [] for k in ("step", "loss", "lr", "grad_norm", "epoch",
                                            "epoch_step", "stage", "val_loss", "sample")}
     out["stop_reason"], step, stage = None, 0, 0
+    distributed = data_parallel.active()   # DDP over the batch; else single-process code
+    net = _DDPLM(model) if distributed else None
     for epoch in range(1, epochs + 1):
         new_stage = (epoch - 1) // cfg.epochs_per_stage
         if new_stage != stage:
@@ -491,7 +495,10 @@ def _train(cfg: CurriculumLMConfig, seed: int, max_epochs: int | None,
         for b in range(0, len(order), cfg.batch_size):
             tokens = encode([texts[i] for i in order[b: b + cfg.batch_size]])
             out["lr"].append(opt.param_groups[0]["lr"])
-            loss = lm_loss(model, tokens)
+            if distributed:
+                loss = _ddp_lm_step(net, tokens)
+            else:
+                loss = lm_loss(model, tokens)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             norm = clip(params, cfg.clip_max_norm or 1.0)
@@ -499,7 +506,8 @@ def _train(cfg: CurriculumLMConfig, seed: int, max_epochs: int | None,
             lr_sched.step()
             step += 1
             out["step"].append(step)
-            out["loss"].append(float(loss.detach()))
+            out["loss"].append(float(loss.detach()) if not distributed
+                               else float(_full_batch_lm_loss(net)))
             out["grad_norm"].append(float(norm))
         model.eval()
         with torch.no_grad():
@@ -511,11 +519,49 @@ def _train(cfg: CurriculumLMConfig, seed: int, max_epochs: int | None,
         out["stage"].append(stage + 1)
         out["val_loss"].append(val_loss)
         out["sample"].append(generate(model, PROMPT))
-        if stopper.step(val_loss):
+        stop = stopper.step(val_loss)
+        if distributed:  # val_loss is the same on every rank; the decision must be too
+            stop = agree_across_ranks(stop)
+        if stop:
             out["stop_reason"] = stopper.reason
             break
     out["best_epoch"] = tracker.best_check
     return out
+
+
+class _DDPLM:
+    """The LM under DDP; keeps the last shard's logits for the full-batch loss metric."""
+
+    def __init__(self, model: nn.Module):
+        self.ddp = data_parallel.wrap(model)
+        self.logits: torch.Tensor | None = None      # the last step's shard (b, T, V)
+        self.targets: torch.Tensor | None = None     # and its targets (b, T)
+
+
+def _ddp_lm_step(net: _DDPLM, tokens: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of the full batch ``tokens``; the DDP-correct token-mean CE.
+
+    ``lm_loss`` is a mean over the rank's own non-pad tokens: with length-varying rows
+    the shards have different token counts, and DDP's average of two means is not
+    the full-batch mean. ``ddp_token_mean`` divides the rank's CE sum by the token
+    count summed over ranks (times the world size, which DDP's average removes).
+    Every row keeps the full batch's width, so the shards pad like the full batch.
+    """
+    (rows,) = data_parallel.shard(tokens)
+    logits = net.ddp(rows[:, :-1])                                   # (b, T, V)
+    targets = rows[:, 1:]
+    net.logits, net.targets = logits.detach(), targets
+    ce_sum = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                         targets.reshape(-1), ignore_index=0, reduction="sum")
+    return ddp_token_mean(ce_sum, (targets != 0).sum())
+
+
+def _full_batch_lm_loss(net: _DDPLM) -> torch.Tensor:
+    """``lm_loss``'s formula on the full batch, gathered (exactly) from every rank."""
+    logits = data_parallel.gather(net.logits)                        # (B, T, V)
+    targets = data_parallel.gather(net.targets)                      # (B, T)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                       targets.reshape(-1), ignore_index=0)
 
 
 # ------------------------------------------------------------------ the cases

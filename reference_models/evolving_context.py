@@ -39,6 +39,7 @@ from invariants import (one_thread, Case, assert_context_diagnostics_match, asse
 from invariants._context import PCT_UNDEFINED_BELOW
 from invariants._errors import (require, require_in_unit_interval, require_non_negative,
                                 require_positive)
+from reference_models import data_parallel
 
 SYSTEM = "evolving_context"
 PCT_NORMALISERS = ("prev", "new")           # "new" is a broken E6 variant
@@ -316,11 +317,49 @@ def train_steps(cfg: EvolvingContextConfig = FIXED, steps: int = 100, seed: int 
         model, opt = build(cfg, seed)
         task = make_task(cfg, seed)
         out: dict[str, list[float]] = {k: [] for k in METRICS}
+        distributed = data_parallel.active()   # DDP over the batch; else single-process code
+        net = data_parallel.wrap(model) if distributed else None
         for step in range(steps):
-            metrics = train_step(model, opt, task(step))
+            if distributed:
+                metrics = _ddp_train_step(net, model, opt, task(step))
+            else:
+                metrics = train_step(model, opt, task(step))
             for k in METRICS:
                 out[k].append(metrics[k])
     return out
+
+
+def _ddp_train_step(net: nn.Module, model: EvolvingContextModel, opt: torch.optim.Optimizer,
+                    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """``train_step`` on this rank's rows of the full ``batch``, under DDP (``net``).
+
+    The loss is a mean over equal shards (DDP's average is the full-batch gradient);
+    the gradient norms are read after DDP's all-reduce (the same on every rank); the
+    logged loss, accuracy and z_e diagnostics are computed from the full batch's
+    tensors, gathered exactly, with ``train_step``'s formulas.
+    """
+    x, demos, y = data_parallel.shard(*batch)
+    opt.zero_grad(set_to_none=True)
+    logits, pairs = net(x, demos)
+    loss = torch.stack([F.cross_entropy(out, y) for out in logits]).mean()
+    loss.backward()
+    metrics = model.grad_norms()  # before clipping, as logged in the seed
+    torch.nn.utils.clip_grad_norm_(model.parameters(), model.cfg.grad_clip)
+    opt.step()
+    with torch.no_grad():
+        y = data_parallel.gather(y)
+        logits = [data_parallel.gather(out) for out in logits]            # S x (B, C)
+        loss = torch.stack([F.cross_entropy(out, y) for out in logits]).mean()
+        z_prev = data_parallel.gather(torch.stack([p for p, _ in pairs]), dim=1)  # (S, B, L, D)
+        z_new = data_parallel.gather(torch.stack([n for _, n in pairs]), dim=1)
+    diag = model.context_diagnostics(z_prev, z_new)
+    metrics.update(
+        loss=float(loss),
+        accuracy=float((logits[-1].argmax(-1) == y).double().mean()),
+        z_e_step_change=float(diag["z_e_step_change"]),
+        z_e_step_change_pct=float(diag.get("z_e_step_change_pct", math.nan)),
+    )
+    return metrics
 
 
 def config_dict(cfg: EvolvingContextConfig) -> dict[str, Any]:

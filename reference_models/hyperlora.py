@@ -34,7 +34,9 @@ from invariants import (one_thread, Case, NormGovernor, assert_clamp_identity_be
                         assert_predictor_deltas_bounded, assert_delta_norms_bounded,
                         clamp_frobenius, frobenius_norms, hyperlora_contexts, lora_norm_series,
                         values_around, weight_deltas)
+from invariants._distributed import agree_across_ranks, sum_reduction_scale
 from invariants._errors import InvalidArgumentError, require, require_finite
+from reference_models import data_parallel
 
 SYSTEM = "hyperlora"
 TARGETS = ("xz", "hz", "xr", "hr", "xn", "hn")   # gate weights that receive deltas
@@ -292,11 +294,25 @@ def train_steps(cfg: HyperLoRAConfig = FIXED, steps: int = 50, seed: int = 0, *,
         torch.set_num_threads(saved_threads)
 
 
+class _GovernedStep(nn.Module):
+    """The training forward as one module (DDP hooks need one ``forward``): clamp, solve."""
+
+    def __init__(self, model: HyperLoRASolver, governor: NormGovernor):
+        super().__init__()
+        self.model, self.governor = model, governor
+
+    def forward(self, grid: torch.Tensor, context: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        deltas = self.governor.clamp(self.model.hyperlora(context))   # (B, T, H, H)
+        return self.model.solve(grid, deltas), deltas                  # (B, N, K)
+
+
 def _train(cfg: HyperLoRAConfig, steps: int, seed: int, stop_on_governor: bool
            ) -> dict[str, list[float]]:
     keys = ("loss", "accuracy", "lora_norm", "lora_norm_max", "entropy", "nan_batches",
             "grad_norm", "lr", "lr_hyperlora", "governor_level", "lora_norm_ema", "early_stop")
     out: dict[str, list[float]] = {k: [] for k in keys}
+    distributed = data_parallel.active()   # DDP over the batch; else the single-process code
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = HyperLoRASolver(cfg)
@@ -304,15 +320,27 @@ def _train(cfg: HyperLoRAConfig, steps: int, seed: int, stop_on_governor: bool
         opt = torch.optim.Adam(param_groups(model, cfg))
         governor = governor_for(cfg)
         gen = torch.Generator().manual_seed(seed + 1)
+        step_fn = data_parallel.wrap(_GovernedStep(model, governor)) if distributed else None
         for _ in range(steps):
             grid, target, context = make_batch(cfg, gen)
-            deltas = governor.clamp(model.hyperlora(context))       # (B, T, H, H)
-            logits = model.solve(grid, deltas)                       # (B, N, K)
-            ce = F.cross_entropy(logits.flatten(0, 1), target.flatten())
-            loss = ce + lora_decay_term(deltas, cfg.hyperlora_weight_decay)
+            if distributed:                  # every rank drew the full batch: keep its rows
+                grid, target, context = data_parallel.shard(grid, target, context)
+                logits, deltas = step_fn(grid, context)
+                ce = F.cross_entropy(logits.flatten(0, 1), target.flatten())  # equal shards
+                # the decay is a SUM over samples: DDP's average would halve it
+                loss = ce + lora_decay_term(deltas, cfg.hyperlora_weight_decay) \
+                    * sum_reduction_scale()
+            else:
+                deltas = governor.clamp(model.hyperlora(context))       # (B, T, H, H)
+                logits = model.solve(grid, deltas)                       # (B, N, K)
+                ce = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+                loss = ce + lora_decay_term(deltas, cfg.hyperlora_weight_decay)
             opt.zero_grad(set_to_none=True)
             nan_batches = 0
-            if bool(torch.isfinite(loss)):
+            finite = bool(torch.isfinite(loss))
+            if distributed:                  # skip on every rank, or on none (else: a hang)
+                finite = not agree_across_ranks(not finite, op="any")
+            if finite:
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
                 opt.step()
@@ -320,6 +348,10 @@ def _train(cfg: HyperLoRAConfig, steps: int, seed: int, stop_on_governor: bool
                 nan_batches = 1
                 grad_norm = torch.tensor(float("nan"))
             with torch.no_grad():
+                if distributed:              # the metrics of the FULL batch, same formulas
+                    logits, target = data_parallel.gather(logits), data_parallel.gather(target)
+                    deltas = data_parallel.gather(deltas)
+                    ce = F.cross_entropy(logits.flatten(0, 1), target.flatten())
                 norms = frobenius_norms(deltas)                      # (B, T) float64
                 logp = logits.float().log_softmax(-1)
                 entropy = -(logp.exp() * logp).sum(-1).mean()

@@ -24,6 +24,7 @@ from invariants import (Case, LoraConfig, assert_adapter_contribution_negligible
                         assert_merge_roundtrip, assert_scale_schedule_progressive,
                         float_tensors, lora_configs, dtypes)
 from invariants._errors import require
+from reference_models import data_parallel
 
 SYSTEM = "lora_init"
 INITS = ("zero_b", "random", "orthogonal_4c", "both_zero")
@@ -375,9 +376,17 @@ def finetune_curves(cfg: LoraInitConfig, *, seed: int = 0, pretrain_steps: int =
     curves: dict[str, list[float]] = {k: [] for k in
                                       ("loss", "accuracy", "kl_from_base", "entropy",
                                        "adapter_delta_norm")}
+    # Under a process group (world size W) only the fine-tune is data-parallel: the
+    # pretraining above is the fixture, replayed identically on every rank.
+    distributed = data_parallel.active()
+    net = adapted
+    if distributed:
+        for m in adapters:   # the full batch's dropout mask, as one process draws it
+            m.dropout = data_parallel.ShardedDropout(m.dropout.p, full_batch=16)
+        net = data_parallel.wrap(adapted)
     for step in range(finetune_steps + 1):
         adapted.eval()
-        with torch.no_grad():
+        with torch.no_grad():   # on the fixed probe batch: replicated, needs no reduction
             logp = torch.log_softmax(adapted(probe_x).double(), -1)
             curves["kl_from_base"].append(float((base_logp.exp() * (base_logp - logp)).sum(-1).mean()))
             curves["entropy"].append(float(-(logp.exp() * logp).sum(-1).mean()))
@@ -385,9 +394,17 @@ def finetune_curves(cfg: LoraInitConfig, *, seed: int = 0, pretrain_steps: int =
                 float(sum(m.delta_weight().norm() for m in adapters)))
         adapted.train()
         x, y = _task_batch(gen, lm_cfg.vocab, 16, lm_cfg.seq_len, shift=2)
-        logits = adapted(x)
+        if distributed:         # every rank drew the full batch: keep its rows
+            x, y = data_parallel.shard(x, y)
+        logits = net(x)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-        curves["loss"].append(float(loss.detach()))
+        if distributed:         # log the FULL batch's loss and accuracy, same formulas
+            logits, y = data_parallel.gather(logits), data_parallel.gather(y)
+            with torch.no_grad():
+                logged = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        else:
+            logged = loss
+        curves["loss"].append(float(logged.detach()))
         curves["accuracy"].append(float((logits.argmax(-1) == y).double().mean()))
         if step < finetune_steps:
             opt.zero_grad()

@@ -42,6 +42,7 @@ from invariants import (one_thread, ArgumentLayout, Case, argument_layouts, asse
                         assert_weight_ema_tracks_weights, float_tensors, start_epochs,
                         weight_histories)
 from invariants._errors import require
+from reference_models import data_parallel
 
 SYSTEM = "staged_modules"
 MODULES = ("hyperlora", "solver_context", "cross_attention", "hpm")
@@ -411,19 +412,29 @@ def train_epochs(cfg: StagedModulesConfig, epochs: int, seed: int, *,
             return (float((pred == target).double().mean()), float((pred == 0).double().mean()),
                     float((pred == target)[fg].double().mean()) if bool(fg.any()) else 1.0)
 
+        distributed = data_parallel.active()   # DDP over the batch; else single-process code
+        # the modules before their start epoch and the FiLM fallback after it are unused
+        net = data_parallel.wrap(model, find_unused_parameters=True) if distributed else model
         for epoch in range(epochs):
             model.train()
             model.set_epoch(epoch)
             losses = []
             for _ in range(batches_per_epoch):
                 grid, support, target = make_batch(cfg, batch_size, data_gen)
-                logits = model(grid, support)
+                if distributed:              # every rank drew the full batch: keep its rows
+                    grid, support, target = data_parallel.shard(grid, support, target)
+                logits = net(grid, support)
                 loss = nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 if ema is not None:
                     ema.update(model)
+                if distributed:              # the FULL batch's loss, same formula
+                    with torch.no_grad():
+                        loss = nn.functional.cross_entropy(
+                            data_parallel.gather(logits).flatten(0, 1),
+                            data_parallel.gather(target).flatten())
                 losses.append(float(loss.detach()))
             acc, bg, fg_acc = evaluate(model, epoch)
             metrics["loss"].append(sum(losses) / len(losses))

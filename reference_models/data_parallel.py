@@ -1,0 +1,112 @@
+"""Data-parallel helpers for the reference training loops (golden runs at world size 2).
+
+Every training function of the reference models takes this path only when
+``torch.distributed`` has an initialised process group; without one, the loops run
+exactly the single-process code (the world-size-1 goldens stay bit-identical).
+
+The contract under a process group of world size W:
+
+* every rank draws the SAME full batch from the seeded generator and keeps its rows
+  ``shard()`` (rank r of W: rows ``r·B//W .. (r+1)·B//W``);
+* the model is wrapped in DDP (``wrap``), so the gradients, the gradient norms, the
+  optimizer steps and therefore the parameters are the same on every rank;
+* a logged metric of the batch is computed from the FULL batch's tensors, put back
+  together with ``gather`` (an exact all-gather, no arithmetic), with the same formula
+  as the single process. Every rank logs the same value; it differs from the
+  single process only because the parameters do (gradient averaging rounds
+  differently from one full-batch backward).
+
+``REDUCE_METRICS = False`` (set inside a rank) makes ``gather`` return the local shard:
+the classic "metrics not all-reduced" bug, used by the tests to show it is caught.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from invariants import InvalidArgumentError
+
+REDUCE_METRICS = True
+
+
+def active() -> bool:
+    """True under an initialised process group (then the loops shard and reduce)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world() -> tuple[int, int]:
+    if not active():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shard_bounds(n: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of a batch of ``n`` rows that this rank trains on."""
+    rank, world = rank_and_world()
+    if n < world:
+        raise InvalidArgumentError(f"batch size={n}: must be >= world_size={world} so that "
+                                   "every rank gets at least one row")
+    return rank * n // world, (rank + 1) * n // world
+
+
+def shard(*tensors: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, ...]:
+    """This rank's rows of each full-batch tensor (all must have the same size on ``dim``)."""
+    sizes = {t.shape[dim] for t in tensors}
+    if len(sizes) != 1:
+        raise InvalidArgumentError(f"tensors: batch sizes {sorted(sizes)} on dim={dim} differ")
+    lo, hi = shard_bounds(sizes.pop())
+    return tuple(t.narrow(dim, lo, hi - lo) for t in tensors)
+
+
+def gather(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """The full batch from every rank's shard, in rank order (exact; shards may differ in size).
+
+    Without a process group (or with ``REDUCE_METRICS = False``) returns ``t``.
+    """
+    if not active() or not REDUCE_METRICS:
+        return t
+    t = t.detach().contiguous()
+    world = dist.get_world_size()
+    size = torch.tensor([t.shape[dim]], dtype=torch.int64)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(int(s) for s in sizes))
+    pad = list(t.shape)
+    pad[dim] = longest - t.shape[dim]
+    padded = torch.cat([t, t.new_zeros(pad)], dim) if pad[dim] else t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p.narrow(dim, 0, int(s)) for p, s in zip(parts, sizes)], dim)
+
+
+def wrap(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
+    """``DistributedDataParallel(model)`` under a process group (CPU, gloo), else ``model``."""
+    if not active():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, **ddp_kwargs)
+
+
+class ShardedDropout(nn.Module):
+    """Dropout whose mask is drawn for the FULL batch on every rank, then sharded.
+
+    ``nn.Dropout`` on CPU draws ``empty_like(x).bernoulli_(1 - p)`` from the process's
+    global generator. Each rank seeds it identically, so drawing the full batch's
+    mask (shape ``(B_full, ...)``) and keeping this rank's rows reproduces the single
+    process's mask bit for bit, and keeps every rank's generator in step.
+    """
+
+    def __init__(self, p: float, full_batch: int):
+        super().__init__()
+        self.p, self.full_batch = p, full_batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        noise = torch.empty((self.full_batch, *x.shape[1:]), dtype=x.dtype).bernoulli_(1 - self.p)
+        noise.div_(1 - self.p)
+        lo, hi = shard_bounds(self.full_batch)
+        return x * noise[lo:hi]
