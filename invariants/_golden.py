@@ -41,6 +41,7 @@ __all__ = [
     "deterministic",
     "distributed_deviations",
     "execute_distributed",
+    "execute_distributed_jobs",
     "findings_of",
     "one_thread",
     "read_golden",
@@ -585,22 +586,28 @@ def assert_matches_golden(run: GoldenRun, golden_dir: Path, *, device: torch.dev
 
 
 # ------------------------------------------------------- world size >= 2 (torch.distributed)
-def _golden_rank_worker(rank: int, world_size: int, runs_module: str, names: list[str],
-                        device: str, reduce_metrics: bool) -> dict[str, dict[str, list]]:
-    """One rank: every named run under ``deterministic(seed)``, inside the process group.
+def _golden_rank_worker(rank: int, world_size: int, runs_module: str,
+                        jobs: list[tuple[list[str], bool]], device: str
+                        ) -> list[dict[str, dict[str, list]]]:
+    """One rank: each job's runs under ``deterministic(seed)``, inside the process group.
 
-    ``reduce_metrics=False`` sets ``reference_models.data_parallel.REDUCE_METRICS`` to
-    False in this rank: each rank then logs its own shard's metrics (the classic bug
-    ``assert_ranks_logged_same_curves`` exists to catch).
+    A job is ``(run names, reduce_metrics)``. ``reduce_metrics=False`` sets
+    ``reference_models.data_parallel.REDUCE_METRICS`` to False for that job: each rank
+    then logs its own shard's metrics (the bug ``assert_ranks_logged_same_curves``
+    exists to catch).
     """
-    if not reduce_metrics:
-        from reference_models import data_parallel
-        data_parallel.REDUCE_METRICS = False
-    runs = _load_runs(runs_module, names)
-    out = {}
-    for run in runs:
-        curves = _execute(run, torch.device(device))
-        out[run.name] = {m: [list(st), list(vals)] for m, (st, vals) in curves.items()}
+    from reference_models import data_parallel
+    out = []
+    for names, reduce_metrics in jobs:
+        data_parallel.REDUCE_METRICS = reduce_metrics
+        try:
+            curves_of = {}
+            for run in _load_runs(runs_module, names):
+                curves = _execute(run, torch.device(device))
+                curves_of[run.name] = {m: [list(st), list(vals)] for m, (st, vals) in curves.items()}
+        finally:
+            data_parallel.REDUCE_METRICS = True
+        out.append(curves_of)
     return out
 
 
@@ -614,23 +621,35 @@ def execute_distributed(runs: Sequence[GoldenRun], world_size: int = 2, *,
     closure and cannot be sent to a spawned process); a run whose config there differs
     from the caller's is a GoldenError. The training functions go data-parallel under
     the process group (``reference_models.data_parallel``). Returns
-    ``{run name: [rank 0 curves, rank 1 curves, ...]}``.
+    ``{run name: [rank 0 curves, rank 1 curves, ...]}``. ``reduce_metrics=False`` is the
+    broken variant (every rank logs its own shard's metrics), for tests.
     """
+    return execute_distributed_jobs([(runs, reduce_metrics)], world_size, runs_module=runs_module,
+                                    device=device, timeout=timeout)[0]
+
+
+def execute_distributed_jobs(jobs: Sequence[tuple[Sequence[GoldenRun], bool]],
+                             world_size: int = 2, *, runs_module: str = DEFAULT_RUNS_MODULE,
+                             device: torch.device | str = "cpu", timeout: float = 120.0
+                             ) -> list[dict[str, list[Curves]]]:
+    """Several ``(runs, reduce_metrics)`` jobs in ONE spawned group (spawning costs seconds)."""
     from invariants._distributed import spawn_group
     require(isinstance(world_size, int) and not isinstance(world_size, bool) and world_size >= 2,
             "world_size", world_size, "must be an integer >= 2 (world size 1 is _execute)")
     device = torch.device(device)
     require(device.type == "cpu", "device", device, "distributed golden runs use gloo on cpu")
     known = {r.name: r for r in _load_runs(runs_module, [])}
-    for run in runs:
-        if run.name not in known or known[run.name].config_sha256 != run.config_sha256:
-            raise GoldenError(f"run {run.name!r}: {runs_module}.RUNS has no run of that name with "
-                              "the same config; the ranks could not run it")
-    names = [r.name for r in runs]
-    per_rank = spawn_group(_golden_rank_worker, world_size, runs_module, names, str(device),
-                           reduce_metrics, timeout=timeout)
-    return {name: [{m: (list(st), list(vals)) for m, (st, vals) in ranks[name].items()}
-                   for ranks in per_rank] for name in names}
+    for runs, _ in jobs:
+        for run in runs:
+            if run.name not in known or known[run.name].config_sha256 != run.config_sha256:
+                raise GoldenError(f"run {run.name!r}: {runs_module}.RUNS has no run of that name "
+                                  "with the same config; the ranks could not run it")
+    payload = [([r.name for r in runs], bool(reduce)) for runs, reduce in jobs]
+    per_rank = spawn_group(_golden_rank_worker, world_size, runs_module, payload, str(device),
+                           timeout=timeout)
+    return [{name: [{m: (list(st), list(vals)) for m, (st, vals) in ranks[j][name].items()}
+                    for ranks in per_rank] for name in names}
+            for j, (names, _) in enumerate(payload)]
 
 
 @invariant_check("golden")

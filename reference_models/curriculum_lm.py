@@ -536,6 +536,7 @@ class _DDPLM:
         self.ddp = data_parallel.wrap(model)
         self.logits: torch.Tensor | None = None      # the last step's shard (b, T, V)
         self.targets: torch.Tensor | None = None     # and its targets (b, T)
+        self.full = 0                                # the full batch's number of rows
 
 
 def _ddp_lm_step(net: _DDPLM, tokens: torch.Tensor) -> torch.Tensor:
@@ -550,7 +551,7 @@ def _ddp_lm_step(net: _DDPLM, tokens: torch.Tensor) -> torch.Tensor:
     (rows,) = data_parallel.shard(tokens)
     logits = net.ddp(rows[:, :-1])                                   # (b, T, V)
     targets = rows[:, 1:]
-    net.logits, net.targets = logits.detach(), targets
+    net.logits, net.targets, net.full = logits.detach(), targets, tokens.shape[0]
     ce_sum = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                          targets.reshape(-1), ignore_index=0, reduction="sum")
     return ddp_token_mean(ce_sum, (targets != 0).sum())
@@ -558,8 +559,8 @@ def _ddp_lm_step(net: _DDPLM, tokens: torch.Tensor) -> torch.Tensor:
 
 def _full_batch_lm_loss(net: _DDPLM) -> torch.Tensor:
     """``lm_loss``'s formula on the full batch, gathered (exactly) from every rank."""
-    logits = data_parallel.gather(net.logits)                        # (B, T, V)
-    targets = data_parallel.gather(net.targets)                      # (B, T)
+    logits = data_parallel.gather(net.logits, full=net.full)         # (B, T, V)
+    targets = data_parallel.gather(net.targets, full=net.full)       # (B, T)
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                        targets.reshape(-1), ignore_index=0)
 

@@ -61,19 +61,25 @@ def shard(*tensors: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, ...]:
     return tuple(t.narrow(dim, lo, hi - lo) for t in tensors)
 
 
-def gather(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+def gather(t: torch.Tensor, dim: int = 0, *, full: int | None = None) -> torch.Tensor:
     """The full batch from every rank's shard, in rank order (exact; shards may differ in size).
 
-    Without a process group (or with ``REDUCE_METRICS = False``) returns ``t``.
+    ``full``: the full batch's size, if known (then the shard sizes are computed, not
+    exchanged: one collective instead of two). Without a process group (or with
+    ``REDUCE_METRICS = False``) returns ``t``.
     """
     if not active() or not REDUCE_METRICS:
         return t
     t = t.detach().contiguous()
     world = dist.get_world_size()
-    size = torch.tensor([t.shape[dim]], dtype=torch.int64)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    longest = int(max(int(s) for s in sizes))
+    if full is not None:
+        sizes = [(r + 1) * full // world - r * full // world for r in range(world)]
+    else:
+        size = torch.tensor([t.shape[dim]], dtype=torch.int64)
+        exchanged = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(exchanged, size)
+        sizes = [int(s) for s in exchanged]
+    longest = max(sizes)
     pad = list(t.shape)
     pad[dim] = longest - t.shape[dim]
     padded = torch.cat([t, t.new_zeros(pad)], dim) if pad[dim] else t

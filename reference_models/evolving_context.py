@@ -338,6 +338,7 @@ def _ddp_train_step(net: nn.Module, model: EvolvingContextModel, opt: torch.opti
     logged loss, accuracy and z_e diagnostics are computed from the full batch's
     tensors, gathered exactly, with ``train_step``'s formulas.
     """
+    full = batch[0].shape[0]
     x, demos, y = data_parallel.shard(*batch)
     opt.zero_grad(set_to_none=True)
     logits, pairs = net(x, demos)
@@ -347,11 +348,12 @@ def _ddp_train_step(net: nn.Module, model: EvolvingContextModel, opt: torch.opti
     torch.nn.utils.clip_grad_norm_(model.parameters(), model.cfg.grad_clip)
     opt.step()
     with torch.no_grad():
-        y = data_parallel.gather(y)
-        logits = [data_parallel.gather(out) for out in logits]            # S x (B, C)
+        y = data_parallel.gather(y, full=full)
+        logits = [data_parallel.gather(out, full=full) for out in logits]  # S x (B, C)
         loss = torch.stack([F.cross_entropy(out, y) for out in logits]).mean()
-        z_prev = data_parallel.gather(torch.stack([p for p, _ in pairs]), dim=1)  # (S, B, L, D)
-        z_new = data_parallel.gather(torch.stack([n for _, n in pairs]), dim=1)
+        z_prev = data_parallel.gather(torch.stack([p for p, _ in pairs]), 1, full=full)
+        z_new = data_parallel.gather(torch.stack([n for _, n in pairs]), 1, full=full)
+        # z_prev, z_new: (S, B, L, D), the full batch's rows of every ACT step
     diag = model.context_diagnostics(z_prev, z_new)
     metrics.update(
         loss=float(loss),

@@ -349,8 +349,10 @@ def _train(cfg: HyperLoRAConfig, steps: int, seed: int, stop_on_governor: bool
                 grad_norm = torch.tensor(float("nan"))
             with torch.no_grad():
                 if distributed:              # the metrics of the FULL batch, same formulas
-                    logits, target = data_parallel.gather(logits), data_parallel.gather(target)
-                    deltas = data_parallel.gather(deltas)
+                    full = cfg.batch_size
+                    logits = data_parallel.gather(logits, full=full)
+                    target = data_parallel.gather(target, full=full)
+                    deltas = data_parallel.gather(deltas, full=full)
                     ce = F.cross_entropy(logits.flatten(0, 1), target.flatten())
                 norms = frobenius_norms(deltas)                      # (B, T) float64
                 logp = logits.float().log_softmax(-1)

@@ -399,7 +399,8 @@ def finetune_curves(cfg: LoraInitConfig, *, seed: int = 0, pretrain_steps: int =
         logits = net(x)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
         if distributed:         # log the FULL batch's loss and accuracy, same formulas
-            logits, y = data_parallel.gather(logits), data_parallel.gather(y)
+            logits = data_parallel.gather(logits, full=16)
+            y = data_parallel.gather(y, full=16)
             with torch.no_grad():
                 logged = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
         else:

@@ -433,8 +433,8 @@ def train_epochs(cfg: StagedModulesConfig, epochs: int, seed: int, *,
                 if distributed:              # the FULL batch's loss, same formula
                     with torch.no_grad():
                         loss = nn.functional.cross_entropy(
-                            data_parallel.gather(logits).flatten(0, 1),
-                            data_parallel.gather(target).flatten())
+                            data_parallel.gather(logits, full=batch_size).flatten(0, 1),
+                            data_parallel.gather(target, full=batch_size).flatten())
                 losses.append(float(loss.detach()))
             acc, bg, fg_acc = evaluate(model, epoch)
             metrics["loss"].append(sum(losses) / len(losses))
