@@ -59,25 +59,28 @@ def _fmt(x: float) -> str:
 
 
 def compare_tensors(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance, *,
-                    what: str, exact: bool = False) -> str | None:
+                    what: str, exact: bool = False, equal_nan: bool = False) -> str | None:
     """Return ``None`` if equal within ``tol`` (or bit-equal if ``exact``), else a report.
 
     The report says how many elements mismatched and what share, the greatest
     absolute and relative difference and where, and the tolerance allowed.
-    NaN on either side counts as a mismatch unless both are NaN at that place.
+    NaN on either side is a mismatch (as in ``torch.testing.assert_close``): two
+    modules that both output NaN have not been shown equal. ``equal_nan=True``
+    accepts NaN at the same place on both sides. Equal infinities match.
     """
     require_same_shape(f"{what} (actual)", actual, f"{what} (expected)", expected)
     a = actual.detach().to(torch.float64)
     e = expected.detach().to(torch.float64)
-    diff = (a - e).abs()
-    both_nan = torch.isnan(a) & torch.isnan(e)
-    diff = torch.where(both_nan, torch.zeros_like(diff), diff)
+    same_inf = torch.isinf(a) & torch.isinf(e) & (a == e)
+    diff = torch.where(same_inf, torch.zeros_like(a), (a - e).abs())
+    if equal_nan:
+        diff = torch.where(torch.isnan(a) & torch.isnan(e), torch.zeros_like(diff), diff)
     diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
     if exact:
         allowed = torch.zeros_like(diff)
         tol_text = "exact equality"
     else:
-        allowed = tol.atol + tol.rtol * e.abs()
+        allowed = tol.atol + tol.rtol * torch.where(torch.isinf(e), torch.zeros_like(e), e.abs())
         tol_text = f"rtol={tol.rtol:g}, atol={tol.atol:g}"
     bad = diff > allowed
     n_bad = int(bad.sum())
@@ -88,8 +91,11 @@ def compare_tensors(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance
         if diff.dim() else ()
     rel = diff / e.abs().clamp_min(torch.finfo(torch.float64).tiny)
     total = diff.numel()
+    n_nan = int((torch.isnan(a) | torch.isnan(e)).sum())
+    nan_note = f"; {n_nan} element(s) are NaN (NaN never matches)" if n_nan and not equal_nan \
+        else ""
     return (f"{what}: {n_bad} / {total} elements ({100.0 * n_bad / total:.1f}%) differ "
             f"beyond {tol_text}; greatest absolute difference {_fmt(float(diff.max()))} "
             f"at index {index} (actual {_fmt(float(a[index]))}, expected "
             f"{_fmt(float(e[index]))}); greatest relative difference "
-            f"{_fmt(float(rel[bad].max()))}")
+            f"{_fmt(float(rel[bad].max()))}{nan_note}")

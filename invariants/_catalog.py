@@ -160,13 +160,23 @@ def load_catalog(module: str = "reference_models.catalog") -> list[Case]:
         raise InvalidArgumentError(
             f"--catalog={module!r}: cannot import it ({exc}); give a dotted module path "
             "importable from the current environment, e.g. reference_models.catalog") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module is broken: say so, exit 2
+        raise InvalidArgumentError(
+            f"--catalog={module!r}: importing it raised {type(exc).__name__}: {exc}") from None
     cases: Iterable[Any] | None = getattr(mod, "CASES", None)
     if cases is None and callable(getattr(mod, "cases", None)):
-        cases = mod.cases()
+        try:
+            cases = mod.cases()
+        except Exception as exc:  # noqa: BLE001
+            raise InvalidArgumentError(
+                f"--catalog={module!r}: cases() raised {type(exc).__name__}: {exc}") from None
     if cases is None:
         raise InvalidArgumentError(
             f"--catalog={module!r}: the module defines neither CASES nor cases()")
     cases = list(cases)
+    if not cases:
+        raise InvalidArgumentError(
+            f"--catalog={module!r}: the catalog is empty; an empty kill matrix proves nothing")
     for i, case in enumerate(cases):
         if not isinstance(case, Case):
             raise InvalidArgumentError(

@@ -78,6 +78,15 @@ def require_finite(name: str, tensor: torch.Tensor) -> None:
                 f"{tensor[index].item()}); this invariant is stated for finite inputs only")
 
 
+def require_nonempty(name: str, tensor: torch.Tensor) -> None:
+    """Raise unless ``tensor`` has at least one element: an empty input checks nothing."""
+    require_tensor(name, tensor)
+    if tensor.numel() == 0:
+        raise InvalidArgumentError(
+            f"{name}.shape={tuple(tensor.shape)}: must be non-empty (an empty input would make "
+            "the check pass without checking anything)")
+
+
 def require_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
     if tuple(a.shape) != tuple(b.shape):
         raise InvalidArgumentError(

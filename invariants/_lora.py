@@ -19,7 +19,8 @@ from torch import nn
 
 from invariants._assertions import compare_tensors, fail, invariant_check
 from invariants._errors import (InvalidArgumentError, require, require_finite,
-                                require_non_negative, require_positive, require_tensor)
+                                require_non_negative, require_nonempty, require_positive,
+                                require_tensor)
 from invariants._tolerances import tolerance_for
 
 __all__ = [
@@ -57,6 +58,7 @@ def _run(name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _outputs(base: nn.Module, adapted: nn.Module, x: torch.Tensor, train: bool
              ) -> tuple[torch.Tensor, torch.Tensor]:
+    require_nonempty("x", x)
     require_finite("x", x)
     with torch.no_grad(), _mode((base, adapted), train):
         y_base = _run("base", base, x)
@@ -106,8 +108,9 @@ def assert_adapter_kl_zero(base_lm: nn.Module, adapted_lm: nn.Module, tokens: to
       InvariantViolation: if the largest per-position KL exceeds ``atol``.
     """
     __tracebackhide__ = True
-    require_tensor("tokens", tokens)
+    require_nonempty("tokens", tokens)
     require(not tokens.is_floating_point(), "tokens.dtype", tokens.dtype, "must be an integer dtype")
+    require(tokens.dim() == 2, "tokens.shape", tuple(tokens.shape), "must be (batch, length)")
     require_non_negative("atol", atol)
     with torch.no_grad(), _mode((base_lm, adapted_lm), False):
         logits_base = _run("base_lm", base_lm, tokens)
@@ -144,8 +147,10 @@ def assert_adapter_delta_within_bound(base: nn.Module, adapted: nn.Module, x: to
     """
     __tracebackhide__ = True
     require_non_negative("scale", scale)
-    require_tensor("lora_A", lora_A)
-    require_tensor("lora_B", lora_B)
+    for name, factor in (("lora_A", lora_A), ("lora_B", lora_B)):
+        require_nonempty(name, factor)
+        require(factor.dim() == 2, f"{name}.shape", tuple(factor.shape), "must be a matrix")
+        require_finite(name, factor.detach())
     require(x.dim() >= 1, "x.shape", tuple(x.shape), "must have a feature dimension")
     y_base, y_adapted = _outputs(base, adapted, x, train=False)
     tol = tolerance_for(y_base.dtype)
@@ -157,6 +162,7 @@ def assert_adapter_delta_within_bound(base: nn.Module, adapted: nn.Module, x: to
     bound = scale * spec * x_norm
     allowed = bound * (1 + 8 * tol.eps) + tol.rtol * y_norm + tol.atol
     excess = delta - allowed
+    excess = torch.where(torch.isnan(excess), torch.full_like(excess, math.inf), excess)  # NaN fails
     if bool((excess > 0).any()):
         i = int(torch.argmax(excess))
         fail(f"‖Δy_i‖ <= scale·‖B‖₂·‖A‖₂·‖x_i‖ with scale={scale:g}, ‖A‖₂·‖B‖₂={spec:.6g}",
@@ -216,6 +222,7 @@ def assert_adapter_contribution_negligible(base: nn.Module, adapted: nn.Module,
     x_norm = x.double().flatten(0, -2).norm(dim=-1)
     ratio = delta / x_norm.clamp_min(1e-300)
     ratio = torch.where(x_norm > 0, ratio, torch.where(delta > 0, math.inf, 0.0))
+    ratio = torch.where(torch.isnan(ratio), torch.full_like(ratio, math.inf), ratio)  # NaN fails
     i = int(torch.argmax(ratio))
     if float(ratio[i]) > rel_tol:
         fail(f"a near-zero adapter contribution, ‖Δy_i‖ <= {rel_tol:g}·‖x_i‖",
@@ -240,6 +247,7 @@ def assert_merge_roundtrip(layer: nn.Module, x: torch.Tensor, *,
       InvariantViolation: saying which of the two comparisons failed and where.
     """
     __tracebackhide__ = True
+    require_nonempty("x", x)
     require_finite("x", x)
     merge = merge or (lambda m: m.merge())
     unmerge = unmerge or (lambda m: m.unmerge())
@@ -272,6 +280,7 @@ def assert_adapter_gradients_flow_at_init(adapted: nn.Module, x: torch.Tensor, *
       InvalidArgumentError: if x is all zero (then dL/dB is zero for any init).
     """
     __tracebackhide__ = True
+    require_nonempty("x", x)
     require_finite("x", x)
     require(bool((x != 0).any()), "x", x,
             "must have a non-zero element: for x = 0 the gradient w.r.t. B is zero for any init")

@@ -120,6 +120,22 @@ def float_tensors(*, shape: Any = _DEFAULT_SHAPES, dtype: Any = torch.float32,
                    _as_strategy(noncontiguous, "noncontiguous"))
 
 
+def _next_in(t: torch.Tensor, towards: float) -> torch.Tensor:
+    """The neighbouring representable value of ``t`` in its own dtype.
+
+    ``torch.nextafter`` has no bfloat16 kernel, and stepping in float32 then rounding
+    back lands on ``t`` again; for bfloat16 step the 16-bit pattern itself (positive
+    finite values: the next pattern up is the next value up).
+    """
+    if t.dtype == torch.bfloat16:
+        bits = t.view(torch.int16)
+        step = 1 if towards > float(t) else -1
+        if float(t) < 0:
+            step = -step
+        return (bits + step).view(torch.bfloat16)
+    return torch.nextafter(t, torch.tensor(towards, dtype=t.dtype))
+
+
 def values_around(bound: float, *, dtype: torch.dtype = torch.float32,
                   ulps: int = 4, spread: float = 0.5) -> st.SearchStrategy[float]:
     """Values just below, at and just above ``bound``, plus a wider neighbourhood.
@@ -135,10 +151,7 @@ def values_around(bound: float, *, dtype: torch.dtype = torch.float32,
     near = [float(t)]
     up, down = t.clone(), t.clone()
     for _ in range(ulps):
-        up = torch.nextafter(up.float(), torch.tensor(math.inf)).to(dtype) \
-            if dtype == torch.bfloat16 else torch.nextafter(up, torch.tensor(math.inf, dtype=dtype))
-        down = torch.nextafter(down.float(), torch.tensor(0.0)).to(dtype) \
-            if dtype == torch.bfloat16 else torch.nextafter(down, torch.tensor(0.0, dtype=dtype))
+        up, down = _next_in(up, math.inf), _next_in(down, 0.0)
         near += [float(up), float(down)]
     return st.one_of(st.sampled_from(sorted(set(near))),
                      st.floats(bound * (1 - spread), bound * (1 + spread)))

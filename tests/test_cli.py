@@ -71,6 +71,23 @@ BAD_USAGE = [
 ]
 
 
+@pytest.fixture
+def broken_catalogs(tmp_path, monkeypatch):
+    (tmp_path / "empty_catalog.py").write_text("CASES = []\n")
+    (tmp_path / "raising_catalog.py").write_text("raise RuntimeError('db not reachable')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+@pytest.mark.parametrize("module,message", [
+    ("empty_catalog", "--catalog='empty_catalog': the catalog is empty"),
+    ("raising_catalog", "--catalog='raising_catalog': importing it raised RuntimeError: db not "
+                        "reachable"),
+])
+def test_broken_catalog_modules_exit_2(broken_catalogs, module, message, capsys):
+    assert main(["check", "--catalog", module]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,message", BAD_USAGE, ids=[" ".join(a) for a, _ in BAD_USAGE])
 def test_bad_usage_exits_2_with_a_message(argv, message, capsys):
     assert main(argv) == 2

@@ -112,6 +112,24 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["g.json"]
 
 
+def test_atomic_write_goes_through_a_temp_file_and_rename(tmp_path, monkeypatch):
+    """A crash between writing and renaming leaves the old golden whole (no in-place write)."""
+    import invariants._golden as g
+    target = tmp_path / "g.json"
+    write_json_atomic(target, {"ok": 1})
+
+    def crash(src, dst):
+        assert Path(src).parent == Path(dst).parent and Path(src).name != Path(dst).name
+        assert json.loads(Path(src).read_text()) == {"new": 2}  # fully written before rename
+        raise OSError("power cut")
+
+    monkeypatch.setattr(g.os, "replace", crash)
+    with pytest.raises(OSError, match="power cut"):
+        write_json_atomic(target, {"new": 2})
+    assert json.loads(target.read_text()) == {"ok": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["g.json"]
+
+
 def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -9,7 +9,7 @@ from hypothesis import example, given, strategies as st
 from torch import nn
 
 from invariants import (InvalidArgumentError, InvariantViolation, LoraConfig,
-                        assert_adapter_delta_within_bound, assert_adapter_gradients_flow_at_init,
+                        assert_adapter_contribution_negligible, assert_adapter_delta_within_bound, assert_adapter_gradients_flow_at_init,
                         assert_adapter_identity_at_init, assert_adapter_kl_zero,
                         assert_merge_roundtrip, assert_scale_schedule_progressive,
                         float_tensors, lora_configs)
@@ -49,8 +49,25 @@ def test_second_adapter_identity_and_gradients(c, data):
     assert_adapter_identity_at_init(base, adapted, x)
     assert_adapter_gradients_flow_at_init(adapted, x, lora_A=adapted.down.weight,
                                           lora_B=adapted.up.weight)
+
+
+
+@given(c=lora_configs(scale=st.floats(1e-3, 10.0)), data=st.data())
+def test_second_adapter_delta_bound_with_a_live_adapter(c, data):
+    """L3 on a non-zero adapter (random `up`), so the bound is actually exercised."""
+    base, adapted = _wrapped(c, zero_up=False)
+    x = data.draw(float_tensors(shape=(data.draw(st.integers(1, 4)), c.in_features),
+                                dtype=torch.float32, max_magnitude=100.0))
     assert_adapter_delta_within_bound(base, adapted, x, scale=adapted.scaling,
                                       lora_A=adapted.down.weight, lora_B=adapted.up.weight)
+
+
+def test_second_adapter_delta_bound_catches_a_wrong_scale():
+    base, adapted = _wrapped(LoraConfig(6, 5, 2, scale=3.0), zero_up=False)
+    with pytest.raises(InvariantViolation, match=r"(?s)\[L3\] .*row \d+: ‖Δy‖="):
+        assert_adapter_delta_within_bound(base, adapted, torch.ones(2, 6),
+                                          scale=adapted.scaling / 1000,
+                                          lora_A=adapted.down.weight, lora_B=adapted.up.weight)
 
 
 def test_second_adapter_random_up_is_caught():
@@ -149,6 +166,51 @@ BAD_INPUT = [
     ("schedule target 0", lambda b, a: assert_scale_schedule_progressive(
         lambda s: 0.0, total_steps=3, target=0.0), r"target=0.0"),
 ]
+
+
+BAD_INPUT += [
+    ("empty x", lambda b, a: assert_adapter_identity_at_init(b, a, torch.ones(0, 4)),
+     r"x.shape=\(0, 4\): must be non-empty"),
+    ("empty x merge", lambda b, a: assert_merge_roundtrip(a, torch.ones(0, 4)),
+     r"x.shape=\(0, 4\): must be non-empty"),
+    ("empty tokens", lambda b, a: assert_adapter_kl_zero(b, a, torch.ones(1, 0, dtype=torch.long)),
+     r"tokens.shape=\(1, 0\): must be non-empty"),
+    ("1-d tokens", lambda b, a: assert_adapter_kl_zero(b, a, torch.ones(3, dtype=torch.long)),
+     r"tokens.shape=\(3,\): must be \(batch, length\)"),
+    ("NaN lora_A", lambda b, a: assert_adapter_delta_within_bound(
+        b, a, torch.ones(1, 4), scale=1.0, lora_A=torch.full((4, 2), math.nan), lora_B=a.lora_B),
+     r"lora_A=.*must be finite"),
+]
+
+
+class _NaNOut(nn.Module):
+    """A broken layer: every output is NaN."""
+
+    def __init__(self, out_features=3):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x):
+        return torch.full(x.shape[:-1] + (self.out_features,), math.nan)
+
+
+NAN_OUTPUTS = [
+    ("L1 both NaN", lambda b, a: assert_adapter_identity_at_init(_NaNOut(), _NaNOut(),
+                                                                 torch.ones(2, 4)), r"\[L1\]"),
+    ("L3 adapted NaN", lambda b, a: assert_adapter_delta_within_bound(
+        b, _NaNOut(), torch.ones(2, 4), scale=1.0, lora_A=a.lora_A, lora_B=a.lora_B), r"\[L3\]"),
+    ("L5 adapted NaN", lambda b, a: assert_adapter_contribution_negligible(
+        b, _NaNOut(), torch.ones(2, 4)), r"\[L5\]"),
+]
+
+
+@pytest.mark.parametrize("call,match", [(c, m) for _, c, m in NAN_OUTPUTS],
+                         ids=[name for name, _, _ in NAN_OUTPUTS])
+def test_nan_outputs_are_violations_not_passes(call, match):
+    """NaN compares False with every bound; the checks must not read that as 'within'."""
+    base, adapted = ref.make_pair(LoraConfig(4, 3, 2, scale=1.0), ref.FIXED)
+    with pytest.raises(InvariantViolation, match=match):
+        call(base, adapted)
 
 
 @pytest.mark.parametrize("call,match", [(c, m) for _, c, m in BAD_INPUT],

@@ -48,6 +48,17 @@ def test_values_around_hits_the_float32_neighbours(which):
     assert found == float(target)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_values_around_reaches_one_ulp_either_side_in_every_dtype(dtype):
+    bound = torch.tensor(1.0, dtype=dtype)
+    eps = torch.finfo(dtype).eps
+    for target in (1.0 + eps, 1.0 - eps / 2):  # the neighbours of 1.0 in this dtype
+        found = find(values_around(1.0, dtype=dtype), lambda v, t=target: v == t,
+                     settings=settings(max_examples=500, database=None))
+        assert found == target and float(torch.tensor(found, dtype=dtype)) == found
+    assert float(bound) == 1.0
+
+
 @pytest.mark.parametrize("predicate", [
     lambda c: c.rank == 1,
     lambda c: c.rank == min(c.in_features, c.out_features) > 1,
