@@ -71,7 +71,11 @@ def _number(v: Any, path: str, line: int | None, key: str) -> float:
     if isinstance(v, bool):
         raise _err(path, line, f"{key}={v!r}: not a number")
     if isinstance(v, (int, float)):
-        return float(v)
+        try:
+            return float(v)
+        except OverflowError:  # a JSON integer beyond float range (e.g. 400 digits)
+            raise _err(path, line, f"{key}={_short(v)}: integer too large for a float "
+                                   f"({len(str(abs(v)))} digits)") from None
     if isinstance(v, str):
         s = v.strip().lower()
         if s in _NAN:
@@ -191,6 +195,11 @@ def _read_jsonl(path: str, b: _Builder) -> None:
         except json.JSONDecodeError as exc:
             raise _err(path, i, f"not valid JSON ({exc.msg} at column {exc.colno}); a truncated "
                                 "line?") from None
+        except ValueError as exc:  # e.g. an integer literal beyond Python's digit limit
+            raise _err(path, i, f"not readable JSON ({str(exc).splitlines()[0][:80]})") from None
+        except RecursionError:
+            raise _err(path, i, "JSON nested too deeply to read (expected one flat object "
+                                "per line)") from None
         if not isinstance(rec, dict):
             raise _err(path, i, f"expected a JSON object per line, got {type(rec).__name__}")
         b.add(i, rec)
@@ -383,6 +392,9 @@ def write_plot(data: LogData, findings: Sequence[Finding], out: str | os.PathLik
     from matplotlib import pyplot as plt
 
     out = os.fspath(out)
+    if os.path.isdir(out):
+        raise InvalidArgumentError(f"--plot={out!r}: is a directory; give a file name, "
+                                   "e.g. plot.png")
     flagged = [m for m in dict.fromkeys(f.metric for f in findings)
                if m in data.columns and m not in TEXT_METRICS]
     text_findings = [f for f in findings if f.metric in TEXT_METRICS]
@@ -422,16 +434,22 @@ def write_plot(data: LogData, findings: Sequence[Finding], out: str | os.PathLik
                                         for f in text_findings[:3]), fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, 0.025 * min(len(text_findings), 3) + 0.01 if text_findings else 0, 1, 0.97))
     directory = os.path.dirname(os.path.abspath(out))
-    fd, tmp = tempfile.mkstemp(prefix=".scan-", suffix=".png", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".scan-", suffix=".png", dir=directory)
+    except OSError as exc:
+        plt.close(fig)
+        raise InvalidArgumentError(f"--plot={out!r}: cannot write in {directory!r} "
+                                   f"({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fig.savefig(fh, format="png", dpi=110)
         os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    except OSError as exc:
+        raise InvalidArgumentError(f"--plot={out!r}: cannot write the plot "
+                                   f"({exc.strerror or exc})") from None
     finally:
+        if os.path.exists(tmp):  # only left behind when savefig or the rename failed
+            os.unlink(tmp)
         plt.close(fig)
 
 
@@ -460,6 +478,9 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     mapping = _parse_map(args.map)
     if args.plot:
         parent = os.path.dirname(os.path.abspath(args.plot))
+        if os.path.isdir(args.plot):
+            raise InvalidArgumentError(f"--plot={args.plot!r}: is a directory; give a file "
+                                       "name, e.g. plot.png")
         if not os.path.isdir(parent):
             raise InvalidArgumentError(f"--plot={args.plot!r}: directory {parent!r} does not exist")
     data, findings = scan_file(args.path, args.format, mapping)

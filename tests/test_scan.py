@@ -156,6 +156,37 @@ def test_plot_is_written_atomically(tmp_path, capsys, rlan_json):
     assert os.listdir(png.parent) == ["plot.png"]  # no temp file left behind
 
 
+def _fail_midway(target, *args, **kwargs):
+    """A savefig that dies after writing half a file (disk full, killed process)."""
+    if hasattr(target, "write"):
+        target.write(b"\x89PNG half")
+    else:
+        with open(target, "wb") as fh:
+            fh.write(b"\x89PNG half")
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("where", ["savefig", "replace"])
+def test_plot_failure_midway_leaves_the_old_plot_and_no_temp_file(where, tmp_path, capsys,
+                                                                  rlan_json, monkeypatch):
+    """Atomic means: the old plot.png survives a failed write untouched, and no temp file stays."""
+    from matplotlib.figure import Figure
+    _, path = rlan_json
+    png = tmp_path / "plot.png"
+    png.write_bytes(b"old plot")
+    if where == "savefig":
+        monkeypatch.setattr(Figure, "savefig", lambda self, target, *a, **k: _fail_midway(target))
+    else:
+        def replace(src, dst):
+            raise OSError(5, "Input/output error")
+        monkeypatch.setattr(os, "replace", replace)
+    code, out, err = _run(capsys, path, "--plot", png)
+    assert code == 2, err
+    assert f"--plot='{png}': cannot write the plot" in err and "Traceback" not in err
+    assert png.read_bytes() == b"old plot"
+    assert os.listdir(tmp_path) == ["plot.png"]
+
+
 def _bad_cases():
     return [
         ("empty", "log.jsonl", "", [], r"log.jsonl: empty log: no records"),
@@ -198,6 +229,14 @@ def _bad_cases():
          r"tb: no scalar or text events found"),
         ("dir-as-jsonl", "tb", None, ["--format", "jsonl"], r"tb: is a directory"),
         ("missing-file", "nope.jsonl", "SKIP", [], r"nope.jsonl: no such file or directory"),
+        ("huge-integer", "log.jsonl", '{"step": 0, "loss": ' + "9" * 400 + '}\n', [],
+         r"log.jsonl:1: loss=9999.*: integer too large for a float \(400 digits\)"),
+        ("integer-over-digit-limit", "log.jsonl", '{"step": 0, "loss": ' + "9" * 5000 + '}\n', [],
+         r"log.jsonl:1: not readable JSON \(Exceeds the limit"),
+        ("deep-nesting", "log.jsonl", '{"step": 0, "loss": ' + "[" * 100_000 + "]" * 100_000
+         + '}\n', [], r"log.jsonl:1: JSON nested too deeply to read"),
+        ("plot-is-directory", "log.jsonl", '{"step": 0, "loss": 1}\n', ["--plot", "plotdir"],
+         r"--plot='plotdir': is a directory; give a file name"),
         ("plot-dir-missing", "log.jsonl", '{"step": 0, "loss": 1}\n', ["--plot", "no/such/dir/p.png"],
          r"--plot='no/such/dir/p.png': directory .* does not exist"),
     ]
@@ -208,6 +247,8 @@ def _bad_cases():
 def test_bad_input_exits_2_naming_file_and_line(name, filename, content, extra, match, tmp_path,
                                                 capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    if "plotdir" in extra:
+        os.mkdir("plotdir")
     if content is None:
         os.mkdir(filename)
     elif isinstance(content, bytes):
