@@ -117,13 +117,54 @@ def test_config_is_used():
         assert guard.update(1, {"entropy": 5.2}) == []  # default entropy_max 2.0 would fire
 
 
+def _reachable_bytes(root):
+    """sys.getsizeof summed over every object reachable from ``root`` (types, modules and
+    functions excluded), and how many there are: any list, deque, array or dict that grows
+    with the number of updates shows, whatever attribute or slot holds it."""
+    import gc
+    import sys
+    import types
+    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
+            types.CodeType, types.MethodType)
+    seen, stack, total = set(), [root], 0
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, skip):
+            continue
+        seen.add(id(obj))
+        total += sys.getsizeof(obj)
+        stack.extend(gc.get_referents(obj))
+    return total, len(seen)
+
+
+def _healthy(i):
+    return {"loss": 1.0 + 0.001 * (i % 7), "grad_norm": 1.0 + 0.01 * (i % 3), "accuracy": 0.5,
+            "val_loss": 1.05 - 1e-6 * i, "lr": 1e-3, "entropy": 0.3, "lora_norm": 0.5,
+            "z_e_step_change": 0.1}
+
+
 def test_memory_is_constant_per_metric():
+    """5,000 and 50,000 updates leave the guard (and everything it reaches) the same size."""
     guard = CollapseGuard(SignatureConfig(spike_window=50))
-    for i in range(5000):
-        guard.update(i, {"loss": 1.0 + 0.001 * (i % 7), "grad_norm": 1.0, "accuracy": 0.5})
-    sizes = [len(v) for states in guard._scanner._states.values() for st in states
-             for v in (getattr(st, n, None) for n in ("hc", "hq", "buf")) if isinstance(v, list)]
-    assert sizes and max(sizes) <= 51
+    for i in range(5_000):
+        guard.update(i, _healthy(i))
+    size_5k, objects_5k = _reachable_bytes(guard)
+    for i in range(5_000, 50_000):
+        guard.update(i, _healthy(i))
+    size_50k, objects_50k = _reachable_bytes(guard)
+    assert guard.findings == []
+    # 45,000 more updates of 8 metrics: a per-update list would add >= 45,000 x 8 bytes
+    assert size_50k - size_5k <= 1024, (size_5k, size_50k)
+    assert objects_50k - objects_5k <= 16, (objects_5k, objects_50k)
+
+
+def test_memory_probe_sees_a_hidden_history():
+    """The probe itself has teeth: an extra list that keeps every value is seen."""
+    guard = CollapseGuard()
+    before, _ = _reachable_bytes(guard)
+    guard._scanner.__dict__["history"] = [float(i) for i in range(1000)]
+    after, _ = _reachable_bytes(guard)
+    assert after - before >= 1000 * 8
 
 
 @pytest.mark.parametrize("kwargs, call, match", [
