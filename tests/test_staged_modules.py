@@ -43,7 +43,6 @@ class UserModel(nn.Module):
         return other
 
 
-@settings(max_examples=30)
 @given(start=start_epochs(min_epoch=1, max_epoch=6), batch=st.integers(1, 4),
        seed=st.integers(0, 99))
 @example(start=1, batch=1, seed=0)
@@ -140,7 +139,6 @@ def test_torch_averaged_model_ema_starts_at_first_update_not_construction():
     assert_weight_ema_tracks_weights(model, update, read, history, decay=0.9)
 
 
-@settings(max_examples=40)
 @given(decay=st.floats(0.0, 1.0), hist=weight_histories(shape=(2, 2), dtype=torch.float64))
 def test_reference_ema_holds_and_restores_the_model(decay, hist):
     _, history = hist
