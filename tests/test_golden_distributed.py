@@ -29,7 +29,7 @@ import torch
 
 from invariants import GoldenTolerance, InvalidArgumentError, InvariantViolation
 from invariants._cli import main as cli_main
-from invariants._golden import (GoldenError, GoldenRun, assert_matches_golden,
+from invariants._golden import (GoldenError, assert_matches_golden,
                                 assert_ranks_logged_same_curves, execute_distributed,
                                 execute_distributed_jobs)
 from reference_models import data_parallel
