@@ -65,6 +65,8 @@ def _require_context(name: str, z: Any) -> None:
     require(z.dim() >= 2, f"{name}.shape", tuple(z.shape),
             "must be (..., D) with at least one row dimension, e.g. (B, L, D)")
     require(z.shape[-1] >= 1, f"{name}.shape", tuple(z.shape), "must have width D >= 1")
+    require(z.numel() > 0, f"{name}.shape", tuple(z.shape),
+            "must be non-empty (a check on no element proves nothing)")
     require_finite(name, z)
 
 
@@ -72,12 +74,13 @@ def _call(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     require(callable(fn), name, fn, "must be callable")
     try:
         return fn(*args)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError) as exc:
         shapes = ", ".join(f"{tuple(a.shape)}/{a.dtype}" for a in args
                            if isinstance(a, torch.Tensor))
+        first = str(exc).splitlines()[0] if str(exc) else ""
         raise InvalidArgumentError(
-            f"{name}: calling it on inputs {shapes} failed ({str(exc).splitlines()[0]}); "
-            "are its shapes and dtype compatible?") from None
+            f"{name}: calling it on inputs {shapes} failed ({type(exc).__name__}: {first}); "
+            "are its signature, shapes and dtype compatible?") from None
 
 
 def _tensor_out(name: str, out: Any, like: torch.Tensor) -> torch.Tensor:
@@ -86,6 +89,14 @@ def _tensor_out(name: str, out: Any, like: torch.Tensor) -> torch.Tensor:
         raise InvalidArgumentError(
             f"{name}.shape={tuple(out.shape)}: must equal the input's shape {tuple(like.shape)}")
     return out
+
+
+def _as_float(name: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise InvalidArgumentError(
+            f"{name}={value!r:.80}: must be a number or a one-element tensor") from None
 
 
 def _row_index(flat: int, shape: torch.Size) -> tuple[int, ...]:
@@ -266,33 +277,51 @@ def _row_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
+#: E4 never allows an element error above this share of the row's expected RMS
+#: sqrt(v/(v + eps)): an all-zero (or halved) output of a non-constant row cannot pass.
+E4_CAP = 0.5
+
+
 @invariant_check("E4")
 def assert_context_rows_normalized(normalize: Callable[[torch.Tensor], torch.Tensor],
                                    context: torch.Tensor, *, eps: float) -> None:
-    """Assert every row of ``normalize(context)`` has mean 0 and variance v/(v + eps).
+    """Assert ``normalize(context)`` is the layer norm ``(x − mean)/sqrt(v + eps)`` row by row.
 
-    v is the row's (biased) input variance, computed in float64. This is what a
-    layer norm with ``eps`` inside the square root gives, and it is the honest
-    form of the seed's "mean 0, variance 1 whatever the input scale": the
-    variance is 1 only for rows with v ≫ eps. A row with entries of size 1e-4
-    (v ≈ 1e-8) under ``F.layer_norm``'s default eps = 1e-5 comes out with
-    variance ≈ 1e-3. ``eps=0`` states the literal claim (variance 1 for every
-    non-constant row); constant rows are expected to map to variance 0.
+    v is the row's (biased) input variance; the reference is computed in
+    float64 from the stored input, element by element. So every row comes out
+    with mean 0 and variance v/(v + eps): what a layer norm with ``eps`` inside
+    the square root gives, and the honest form of the seed's "mean 0, variance 1
+    whatever the input scale": the variance is 1 only for rows with v ≫ eps. A
+    row with entries of size 1e-4 (v ≈ 1e-8) under ``F.layer_norm``'s default
+    eps = 1e-5 comes out with variance ≈ 1e-3. ``eps=0`` states the literal
+    claim (variance 1 for every non-constant row); constant rows are expected
+    to map to 0.
 
-    Tolerance model: the output is O(1), but a float layer norm subtracts a
-    rounded mean, so an ill-conditioned row (large |entries| relative to its
-    spread) loses accuracy. Allowed error for mean and variance:
-    ``atol + 4·rtol + 4·D·eps_dtype·max|x| / sqrt(v + eps)`` (rtol, atol,
-    eps_dtype from the dtype table; the D factor is the summation error).
+    Tolerance model, per element with reference r: a float layer norm
+    subtracts a rounded mean, so an ill-conditioned row (large |entries|
+    relative to its spread) loses accuracy:
+    ``atol + 4·rtol·|r| + D·eps_dtype·max|x| / sqrt(v + eps)`` (rtol, atol,
+    eps_dtype from the dtype table; the D factor is the summation error),
+    capped, for every row with v > 0, at ``atol + E4_CAP·sqrt(v/(v + eps))``
+    (half the row's expected RMS), so that no output far from the reference
+    (all zeros, a constant) passes however ill-conditioned the row. A constant
+    row (v = 0) has reference 0 and no cap: a float layer norm amplifies the
+    rounding of its mean by 1/sqrt(eps) (measured: bfloat16 ``F.layer_norm``
+    of a width-1 row 1.54 gives -1.3e-5, of a constant row 1e4 up to 0.25). Measured: float32 ``F.layer_norm`` of the
+    row ``1e7 + arange(8)`` is off by 0.29 (under the cap 0.5); zeros are off
+    by up to 1.53. A non-finite output element is always a violation.
 
     Args:
       normalize: ``context (…, D) -> (…, D)``, e.g. ``lambda c: F.layer_norm(c, c.shape[-1:])``.
-      context: a finite tensor whose rows are the last dimension.
+      context: a finite, non-empty tensor whose rows are the last dimension.
       eps: the normaliser's eps (>= 0).
 
     Raises:
-      InvariantViolation: naming the worst row, its input scale and variance,
-        the observed mean and variance and the allowed error.
+      InvariantViolation: naming the worst element (index, value, reference,
+        allowed error) and its row's input scale and variance and observed
+        mean and variance.
+      InvalidArgumentError: negative eps, an empty or non-finite context, an
+        output of another shape or a non-floating output.
     """
     __tracebackhide__ = True
     require_non_negative("eps", eps)
@@ -302,26 +331,38 @@ def assert_context_rows_normalized(normalize: Callable[[torch.Tensor], torch.Ten
     require(out.is_floating_point(), "normalize(context).dtype", out.dtype, "must be floating")
     tol = tolerance_for(out.dtype)
     d = context.shape[-1]
-    _, v_in = _row_stats(context)
+    x = context.detach().double()
+    mean_in, v_in = _row_stats(x)
     mean_out, var_out = _row_stats(out)
+    spread = (v_in + eps).sqrt()                                      # (...)
+    safe = spread.clamp_min(1e-300).unsqueeze(-1)
+    ref = torch.where(spread.unsqueeze(-1) > 0, (x - mean_in.unsqueeze(-1)) / safe,
+                      torch.zeros_like(x))                            # (..., D)
     expected_var = torch.where(v_in > 0, v_in / (v_in + eps), torch.zeros_like(v_in))
-    peak = context.detach().double().abs().amax(dim=-1)
-    spread = (v_in + eps).sqrt()
+    peak = x.abs().amax(dim=-1)
     cond = torch.where(spread > 0, peak / spread.clamp_min(1e-300), torch.zeros_like(peak))
-    allowed = tol.atol + 4 * tol.rtol + d * tol.eps * cond
-    err = torch.maximum(mean_out.abs(), (var_out - expected_var).abs())
+    model = tol.atol + 4 * tol.rtol * ref.abs() + (d * tol.eps * cond).unsqueeze(-1)
+    # the cap binds where the reference is not all zero (v > 0); a constant row's reference
+    # is exactly 0, so zeros are right there and only rounding noise is to be allowed
+    cap = torch.where(v_in > 0, tol.atol + E4_CAP * expected_var.sqrt(),
+                      torch.full_like(v_in, math.inf)).unsqueeze(-1)
+    allowed = torch.minimum(model, cap.expand_as(model))
+    err = (out.detach().double() - ref).abs()
     err = torch.where(torch.isnan(err), torch.full_like(err, math.inf), err)
     bad = err > allowed
     if bool(bad.any()):
         flat = int(torch.argmax(torch.where(bad, err - allowed, torch.full_like(err, -1.0))))
-        row = _row_index(flat, err.shape)
-        fail(f"every context row to have mean 0 and variance v/(v + eps) with eps={eps:g} "
-             "(variance 1 when v ≫ eps)",
-             f"{int(bad.sum())} / {err.numel()} rows off; worst row {row}: mean "
-             f"{float(mean_out[row]):.6g}, variance {float(var_out[row]):.6g}, expected "
-             f"variance {float(expected_var[row]):.6g} (input variance {float(v_in[row]):.3g}, "
-             f"max|x| {float(peak[row]):.3g}); allowed error {float(allowed[row]):.3g} "
-             f"({out.dtype})",
+        index = _row_index(flat, err.shape)
+        row = index[:-1]
+        n_rows = int(bad.any(dim=-1).sum())
+        fail(f"every context row to be (x − mean)/sqrt(v + eps) with eps={eps:g}, hence mean 0 "
+             "and variance v/(v + eps) (variance 1 when v ≫ eps)",
+             f"{int(bad.sum())} / {err.numel()} elements in {n_rows} / {mean_in.numel()} rows "
+             f"off; worst element {index}: {float(out[index])!r}, reference "
+             f"{float(ref[index]):.6g}, allowed error {float(allowed[index]):.3g} ({out.dtype}); "
+             f"worst row {row}: mean {float(mean_out[row]):.6g}, variance "
+             f"{float(var_out[row]):.6g}, expected variance {float(expected_var[row]):.6g} "
+             f"(input variance {float(v_in[row]):.3g}, max|x| {float(peak[row]):.3g})",
              hint="normalise the context over its last dimension before the decoder reads it"
              if eps > 0 else "a layer norm's eps caps the variance of small rows at v/(v + eps)")
 
@@ -377,7 +418,7 @@ def assert_encoder_lr_scaled(optimizer: Any, encoder_params: Iterable[torch.Tens
         for pid in ids:
             if pid in enc:
                 seen[pid] = seen.get(pid, 0) + 1
-        lr = float(g["lr"])
+        lr = _as_float(f"param_groups[{i}]['lr']", g["lr"])
         if n_enc and n_other:
             fail("encoder and other parameters in separate param groups",
                  f"param group {i} (lr {lr:g}) holds {n_enc} encoder and {n_other} other "
@@ -400,7 +441,7 @@ def assert_encoder_lr_scaled(optimizer: Any, encoder_params: Iterable[torch.Tens
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
     return t.contiguous().view(ints).clone()
 
 
@@ -458,6 +499,14 @@ def assert_encoder_frozen_by_zero_lr(train_step: Callable[[], Any],
                      f"{float(before.reshape(p.shape)[index])!r} -> {float(p.detach()[index])!r}",
                      hint="encoder_lr_scale must set the encoder param group's lr to "
                           "scale × base lr (is the scale ignored?)")
+    for j, p in enumerate(other):
+        bad = ~torch.isfinite(p.detach())
+        if bool(bad.any()):
+            index = _row_index(int(torch.nonzero(bad.flatten())[0]), p.shape) if p.dim() else ()
+            fail("the non-encoder parameters to stay finite while the encoder is frozen",
+                 f"after {steps} steps other parameter {j} (shape {tuple(p.shape)}) has "
+                 f"{int(bad.sum())} / {p.numel()} non-finite elements; first at {index}: "
+                 f"{float(p.detach()[index])!r}")
     if all(torch.equal(p.detach(), b) for p, b in zip(other, other_before)):
         fail("the non-encoder (decoder) parameters to move while the encoder is frozen",
              f"none of {len(other)} other parameters changed after {steps} steps",
@@ -488,6 +537,9 @@ def context_diagnostics_reference(z_prev: torch.Tensor, z_new: torch.Tensor) -> 
 
 
 def _grad_norm(params: Sequence[torch.Tensor]) -> float:
+    for i, p in enumerate(params):
+        if p.grad is not None:
+            require_finite(f"params[{i}].grad", p.grad)
     sq = [p.grad.detach().double().pow(2).sum() for p in params if p.grad is not None]
     return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
 
@@ -538,12 +590,12 @@ def assert_context_diagnostics_match(diagnostics: Callable[[torch.Tensor, torch.
         if key not in ref:
             if value is not None:
                 fail(f"{key} omitted when mean‖z_prev‖ <= {PCT_UNDEFINED_BELOW:g} (undefined)",
-                     f"{key} = {float(value):.6g} with mean‖z_prev‖ = {prev_norm:.3g}")
+                     f"{key} = {value!r:.40} with mean‖z_prev‖ = {prev_norm:.3g}")
             continue
         if value is None:
             fail(f"{key} reported (mean‖z_prev‖ = {prev_norm:.3g} > {PCT_UNDEFINED_BELOW:g})",
                  f"{key} is missing; keys: {sorted(got)}")
-        v = float(value)
+        v = _as_float(f"diagnostics(z_prev, z_new)[{key!r}]", value)
         want = ref[key]
         if not (math.isfinite(v) and v >= 0 and abs(v - want) <= rtol * abs(want)):
             definition = ("mean over rows of ‖z_new − z_prev‖" if key == "z_e_step_change"
@@ -578,11 +630,12 @@ def assert_encoder_grad_share_valid(share: Any, encoder_params: Iterable[torch.T
     require_non_negative("rtol", rtol)
     enc = _params("encoder_params", encoder_params)
     total = _params("params", params)
+    require(len(enc) > 0, "encoder_params", enc, "must be non-empty (name the encoder's parameters)")
     ids = {id(p) for p in total}
     require(all(id(p) in ids for p in enc), "encoder_params", "...",
             "every encoder parameter must also be in params (the total)")
     want = encoder_grad_share_reference(enc, total)
-    v = float(share)
+    v = _as_float("share", share)
     g_enc, g_total = _grad_norm(enc), _grad_norm(total)
     if not (math.isfinite(v) and 0.0 <= v <= 1.0):
         fail("the encoder gradient share ‖g_enc‖/‖g_total‖ in [0, 1]",

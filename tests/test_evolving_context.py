@@ -48,6 +48,13 @@ _ENC = ec._encoder(ec.FIXED)
 _MODEL = ec.EvolvingContextModel(replace(ec.FIXED, d_model=8))
 _Z0, _D0 = _z(2, 3, 8), _z(2, 2, 8, seed=1)
 
+
+def _with_grads(value):
+    """(encoder params, all params) of a tiny pair with every gradient set to ``value``."""
+    enc, dec = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+    enc.grad, dec.grad = torch.full((3,), value), torch.full((2,), value)
+    return [enc], [enc, dec]
+
 BAD_INPUT = [
     ("cfg-ema-negative", lambda: ec.EvolvingContextConfig(ema_decay=-0.1), r"ema_decay=-0\.1"),
     ("cfg-ema-above-1", lambda: ec.EvolvingContextConfig(ema_decay=1.0000001), r"ema_decay=1\.0000001"),
@@ -75,6 +82,19 @@ BAD_INPUT = [
     ("E2-wrong-width", lambda: assert_residual_scaled(
         _ENC.mlp_block, _ENC.mlp, _z(2, 3, 5), alpha=0.3, norm=_ENC.norm), r"block: calling it"),
     ("E4-eps-negative", lambda: assert_context_rows_normalized(LN, _Z0, eps=-1e-5), r"eps=-1e-05"),
+    ("E4-empty-rows", lambda: assert_context_rows_normalized(LN, torch.zeros(0, 3, 8), eps=1e-5),
+     r"context.shape=\(0, 3, 8\): must be non-empty"),
+    ("E1-empty", lambda: assert_context_update_smoothed(
+        _ENC.carry_step, _ENC.raw_step, torch.zeros(0, 3, 8), _D0, ema_decay=0.9),
+     r"z_prev.shape=\(0, 3, 8\): must be non-empty"),
+    ("E2-empty", lambda: assert_residual_scaled(
+        _ENC.mlp_block, _ENC.mlp, torch.zeros(2, 0, 8), alpha=0.3, norm=_ENC.norm),
+     r"z.shape=\(2, 0, 8\): must be non-empty"),
+    ("E3-empty-demos", lambda: assert_query_gradient_blocked(
+        _ENC.query_branch, _Z0, torch.zeros(2, 0, 8)), r"demos.shape=\(2, 0, 8\): must be non-empty"),
+    ("E6-empty", lambda: assert_context_diagnostics_match(
+        _MODEL.context_diagnostics, torch.zeros(0, 8), torch.zeros(0, 8)),
+     r"z_prev.shape=\(0, 8\): must be non-empty"),
     ("E5-scale-negative", lambda: assert_encoder_lr_scaled(
         _MODEL.param_groups(1e-3, 0.3), _MODEL.encoder.parameters(), base_lr=1e-3, scale=-0.3),
      r"scale=-0\.3"),
@@ -99,6 +119,20 @@ BAD_INPUT = [
     ("spec-unknown-kind", lambda: ContextSpec((1, 1, 8), torch.float32, "uniform", 1.0, 0),
      r"kind='uniform'"),
     ("train-steps-zero", lambda: ec.train_steps(ec.FIXED, 0), r"steps=0"),
+    ("E1-step-wrong-signature", lambda: assert_context_update_smoothed(
+        lambda z: z, _ENC.raw_step, _Z0, _D0, ema_decay=0.9), r"step: calling it .* failed \(TypeError"),
+    ("E5-lr-not-a-number", lambda: assert_encoder_lr_scaled(
+        [{"params": list(_MODEL.encoder.parameters()), "lr": "fast"}],
+        _MODEL.encoder.parameters(), base_lr=1e-3, scale=0.3), r"param_groups\[0\]\['lr'\]='fast'"),
+    ("E6-share-not-a-number", lambda: assert_encoder_grad_share_valid(
+        "high", *_with_grads(1.0)), r"share='high': must be a number"),
+    ("E6-grad-nan", lambda: assert_encoder_grad_share_valid(0.5, *_with_grads(math.nan)),
+     r"params\[0\].grad=.*must be finite"),
+    ("E6-no-encoder-params", lambda: assert_encoder_grad_share_valid(
+        0.5, [], _with_grads(1.0)[1]), r"encoder_params=\[\]: must be non-empty"),
+    ("E6-diagnostics-not-a-number", lambda: assert_context_diagnostics_match(
+        lambda a, b: {"z_e_step_change": "big", "z_e_step_change_pct": 0.1}, _Z0, _Z0 + 1),
+     r"diagnostics\(z_prev, z_new\)\['z_e_step_change'\]='big': must be a number"),
 ]
 
 
@@ -170,6 +204,18 @@ def test_zero_lr_flips_negative_zero_weights_so_bitwise_freezing_fails():
     assert p.detach().tolist() == [0.0, -0.0, 1.0]
     p, q, step = _one_param_step([-0.0, -0.0, 1.0], [-1.0, 1.0, 1.0], weight_decay=0.5)
     assert_encoder_frozen_by_zero_lr(step, [p], [q], steps=3, bitwise=False)
+
+
+def test_other_params_turning_nan_do_not_count_as_moving():
+    """E5 wants the decoder to learn; a decoder step that writes NaN is not learning."""
+    p, q, _ = _one_param_step([1.0, 2.0], [0.0, 0.0])
+
+    def step():
+        with torch.no_grad():
+            q.fill_(math.nan)
+    with pytest.raises(InvariantViolation, match=r"(?s)\[E5\].*stay finite.*other parameter 0 "
+                                                 r"\(shape \(2,\)\) has 2 / 2 non-finite"):
+        assert_encoder_frozen_by_zero_lr(step, [p], [q], steps=1)
 
 
 def test_zero_lr_does_not_protect_against_nan_gradients():
@@ -286,6 +332,46 @@ def test_ill_conditioned_rows_stay_within_the_tolerance_model():
     with max|x|/sqrt(v + eps), so the check holds for a correct layer norm."""
     rows = (1e4 + 1e-2 * _z(64, 8, dtype=torch.float64)).float()
     assert_context_rows_normalized(LN, rows, eps=1e-5)
+
+
+_ROW_1E7 = (1e7 + torch.arange(8, dtype=torch.float32))[None]  # float32-exact, spread 2.29
+
+
+def test_layer_norm_of_an_ill_conditioned_row_holds_under_the_cap():
+    """float32 F.layer_norm of 1e7 + arange(8) is off by 0.29 from the float64 reference
+    (measured), under the cap of half the row's RMS (0.5)."""
+    x = _ROW_1E7.double()
+    ref = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-5)
+    assert 0.2 < float((LN(_ROW_1E7).double() - ref).abs().max()) < 0.5
+    assert_context_rows_normalized(LN, _ROW_1E7, eps=1e-5)
+
+
+@given(spec=context_specs(width=st.sampled_from([2, 8]),
+                          dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16])))
+@example(spec=_ROW_1E7)  # bug: D·eps·max|x|/sqrt(v) = 4.2 let an all-zero output pass here
+@example(spec=(1e4 + 1e-2 * _z(4, 8, dtype=torch.float64)).float())
+def test_zero_normaliser_is_always_caught(spec):
+    """An all-zero 'normaliser' fails on every context with a non-constant row."""
+    context = spec if isinstance(spec, torch.Tensor) else spec.tensor()
+    x = context.double()
+    if not bool((x.var(dim=-1, unbiased=False) > 0).any()):
+        return  # zero is the right output for all-constant rows (checked below)
+    with pytest.raises(InvariantViolation, match=r"(?s)\[E4\].*worst element .*: 0\.0, reference"):
+        assert_context_rows_normalized(torch.zeros_like, context, eps=1e-5)
+
+
+def test_zero_normaliser_is_right_for_constant_rows():
+    assert_context_rows_normalized(torch.zeros_like, torch.full((3, 8), 2.5), eps=1e-5)
+
+
+@pytest.mark.parametrize("name, out", [
+    ("nan", lambda c: torch.full_like(c, math.nan)),
+    ("inf", lambda c: LN(c).index_fill(-1, torch.tensor([3]), math.inf)),
+    ("one-nan", lambda c: LN(c).index_fill(-1, torch.tensor([0]), math.nan)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_non_finite_normaliser_output_is_a_violation(name, out):
+    with pytest.raises(InvariantViolation, match=r"(?s)\[E4\].*worst element"):
+        assert_context_rows_normalized(out, _z(2, 3, 8), eps=1e-5)
 
 
 @pytest.mark.parametrize("name, module, eps, caught", [
