@@ -73,6 +73,11 @@ def _require_delta(name: str, delta: Any) -> None:
             "must have >= 2 dims (..., m, n): one matrix per leading index")
 
 
+def _require_nonempty(name: str, delta: torch.Tensor) -> None:
+    require(delta.numel() > 0, f"{name}.shape", tuple(delta.shape),
+            "must be non-empty (a check on no matrix proves nothing)")
+
+
 def _as_items(name: str, deltas: Deltas) -> list[tuple[str, torch.Tensor]]:
     if isinstance(deltas, torch.Tensor):
         _require_delta(name, deltas)
@@ -188,7 +193,10 @@ def assert_delta_norms_bounded(deltas: Deltas, *, max_norm: float = 1.0,
     require_non_negative("eps_multiple", eps_multiple)
     worst: tuple[float, str, tuple[int, ...], float, torch.dtype] | None = None
     n_bad = n_all = 0
-    for key, delta in _as_items("deltas", deltas):
+    items = _as_items("deltas", deltas)
+    for key, delta in items:
+        _require_nonempty(f"deltas[{key!r}]" if key else "deltas", delta)
+    for key, delta in items:
         norms = frobenius_norms(delta)
         bound = max_norm * (1.0 + eps_multiple * _eps(delta.dtype))
         excess = torch.where(torch.isfinite(norms), norms - bound,
@@ -251,11 +259,10 @@ def assert_clamp_identity_below_cap(clamp: Callable[[torch.Tensor, float], torch
     """
     __tracebackhide__ = True
     _require_delta("deltas", deltas)
+    _require_nonempty("deltas", deltas)
     require_finite("deltas", deltas)
     require_positive("max_norm", max_norm)
-    with torch.no_grad():
-        out = clamp(deltas, max_norm)
-    _require_out(out, deltas)
+    out = _run_clamp(clamp, deltas, max_norm)
     norms = frobenius_norms(deltas)
     below = norms <= max_norm
     changed = (out.detach() != deltas).flatten(-2).any(-1) & below
@@ -270,6 +277,21 @@ def assert_clamp_identity_below_cap(clamp: Callable[[torch.Tensor, float], torch
              f"{int(changed.sum())} of {int(below.sum())} matrices at or below τ changed",
              hint="scale by min(1, τ/‖ΔW‖F), not by τ/‖ΔW‖F")
     return int(below.sum())
+
+
+def _run_clamp(clamp: Callable[[torch.Tensor, float], torch.Tensor], deltas: torch.Tensor,
+               max_norm: float) -> torch.Tensor:
+    require(callable(clamp), "clamp", clamp, "must be callable as clamp(delta, max_norm)")
+    try:
+        with torch.no_grad():
+            out = clamp(deltas, max_norm)
+    except (RuntimeError, TypeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise InvalidArgumentError(
+            f"clamp: calling it as clamp(deltas (shape {tuple(deltas.shape)}, {deltas.dtype}), "
+            f"max_norm={max_norm:g}) failed ({type(exc).__name__}: {first})") from None
+    _require_out(out, deltas)
+    return out
 
 
 def _require_out(out: Any, deltas: torch.Tensor) -> None:
@@ -296,11 +318,10 @@ def assert_clamp_preserves_direction(clamp: Callable[[torch.Tensor, float], torc
     """
     __tracebackhide__ = True
     _require_delta("deltas", deltas)
+    _require_nonempty("deltas", deltas)
     require_finite("deltas", deltas)
     require_positive("max_norm", max_norm)
-    with torch.no_grad():
-        out = clamp(deltas, max_norm)
-    _require_out(out, deltas)
+    out = _run_clamp(clamp, deltas, max_norm)
     eps = _eps(deltas.dtype)
     tiny = float(torch.finfo(deltas.dtype).tiny)
     d = deltas.detach().double().flatten(-2)          # (..., mn)
@@ -310,18 +331,29 @@ def assert_clamp_preserves_direction(clamp: Callable[[torch.Tensor, float], torc
     c = torch.where(zero, torch.zeros_like(dd), (o * d).sum(-1) / dd.clamp_min(1e-300))
     resid = torch.linalg.vector_norm(o - c.unsqueeze(-1) * d, dim=-1)
     allowed = 4 * eps * torch.linalg.vector_norm(o, dim=-1) + math.sqrt(d.shape[-1]) * tiny
-    bad_dir = resid > allowed
-    bad_c = ~zero & ((c <= 0) | (c > 1 + 4 * eps))
+    # NaN compares False with everything: a non-finite output matrix is a violation on its
+    # own (its residual and c are NaN), and it ranks as the worst offender
+    n_nonfinite = (~torch.isfinite(o)).sum(-1)                    # (...)
+    nonfinite = n_nonfinite > 0
+    bad_dir = nonfinite | ~(resid <= allowed)
+    bad_c = nonfinite | (~zero & ~((c > 0) & (c <= 1 + 4 * eps)))
     if bool((bad_dir | bad_c).any()):
-        score = torch.where(bad_dir, resid / allowed, torch.zeros_like(resid)) + bad_c.double()
+        ratio = torch.where(resid <= allowed, torch.zeros_like(resid),
+                            resid / allowed.clamp_min(1e-300))
+        score = torch.where(nonfinite, torch.full_like(resid, math.inf),
+                            ratio + bad_c.double())
         flat = int(torch.argmax(score.reshape(-1)))
         index = _unravel(flat, dd.shape)
         r, a = float(resid.reshape(-1)[flat]), float(allowed.reshape(-1)[flat])
         cc = float(c.reshape(-1)[flat])
         fail("clamp(ΔW)_i = c·ΔW_i with 0 < c <= 1 (direction kept, only shrunk)",
              f"{_where('', index)} (‖ΔW‖F = {math.sqrt(float(dd.reshape(-1)[flat])):.6g}): "
-             f"best c = {cc:.6g}, residual ‖out − c·ΔW‖ = {r:.3g} (allowed {a:.3g}); "
-             f"{int((bad_dir | bad_c).sum())} of {dd.numel()} matrices fail",
+             f"best c = {cc:.6g}, residual ‖out − c·ΔW‖ = {r:.3g} (allowed {a:.3g})"
+             + (f", {int(n_nonfinite.reshape(-1)[flat])} non-finite output elements"
+                if bool(nonfinite.reshape(-1)[flat]) else "")
+             + f"; {int((bad_dir | bad_c).sum())} of {dd.numel()} matrices fail"
+             + (f" ({int(nonfinite.sum())} with non-finite output)" if bool(nonfinite.any())
+                else ""),
              hint="rescale the whole matrix by one factor; clipping elements "
                   "(clamp(-a, a)) changes the direction")
 
@@ -353,6 +385,14 @@ def assert_gradient_reaches_predictor(predict: Callable[[torch.Tensor], Deltas],
     with torch.enable_grad():
         deltas = _predict(predict, contexts, context_dim)
         items = _as_items("predict(contexts)", deltas)
+        for key, d in items:
+            _require_nonempty(f"predict(contexts)[{key!r}]" if key else "predict(contexts)", d)
+            bad = ~torch.isfinite(d.detach())
+            if bool(bad.any()):
+                first = tuple(int(i) for i in torch.nonzero(bad)[0])
+                fail("finite deltas from the predictor",
+                     f"{_where(key, first[:-2])}: {int(bad.sum())} of {d.numel()} delta elements "
+                     f"are non-finite (first at {list(first)}: {float(d.detach()[first])!r})")
         gen = torch.Generator().manual_seed(0)
         terms, n_active = [], 0
         for _, d in items:
@@ -409,8 +449,10 @@ def assert_lora_decay_term(decay: Callable[[Deltas], torch.Tensor], deltas: Delt
     require_positive("step_size", step_size)
     require(weight * step_size < 1, "step_size", step_size,
             f"must satisfy weight*step_size < 1 (weight={weight:g}) or the step overshoots")
+    require(callable(decay), "decay", decay, "must be callable deltas -> scalar tensor")
     items = _as_items("deltas", deltas)
     for key, d in items:
+        _require_nonempty(f"deltas[{key!r}]" if key else "deltas", d)
         require_finite(f"deltas[{key!r}]" if key else "deltas", d)
     leaves = [d.detach().clone().requires_grad_(True) for _, d in items]
     arg: Deltas = leaves[0] if isinstance(deltas, torch.Tensor) else \
@@ -482,7 +524,11 @@ def assert_param_group_lrs(optimizer: torch.optim.Optimizer,
             fail("HyperLoRA parameters in groups of their own",
                  f"{label} mixes {n_hyper} HyperLoRA and {len(ids) - n_hyper} other parameters")
         want = multiplier * base_lr if n_hyper else base_lr
-        lr = float(group["lr"])
+        try:
+            lr = float(group["lr"])
+        except (TypeError, ValueError, RuntimeError):
+            raise InvalidArgumentError(f"{label}['lr']={group['lr']!r:.60}: must be a number") \
+                from None
         if not math.isclose(lr, want, rel_tol=1e-12, abs_tol=0.0):
             what = f"HyperLoRA lr = {multiplier:g} × base lr" if n_hyper else "base lr"
             fail(f"{what} = {want:.6g} in {label}",
@@ -642,8 +688,19 @@ def assert_norm_governor_acts(governor: Any, norms: Sequence[float], *, warn: fl
         raise InvalidArgumentError(
             f"Cannot have warn={warn:g}, critical={critical:g}, kill={kill:g}: "
             "thresholds must satisfy 0 < warn < critical < kill")
-    series = torch.as_tensor(list(norms), dtype=torch.float64)
-    require(series.numel() >= 1, "norms", norms, "must hold at least one norm")
+    for attr in ("decide", "update", "reset", "clamp"):
+        require(callable(getattr(governor, attr, None)), "governor", governor,
+                f"must have a callable {attr}() (NormGovernor's protocol)")
+    decay = getattr(governor, "ema_decay", None)
+    require(isinstance(decay, (int, float)) and not isinstance(decay, bool)
+            and 0.0 <= decay <= 1.0, "governor.ema_decay", decay, "must be a number in [0, 1]")
+    try:
+        series = torch.as_tensor(list(norms), dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise InvalidArgumentError(f"norms={norms!r:.80}: must be a sequence of numbers") \
+            from None
+    require(series.dim() == 1, "norms", norms, "must be a flat sequence of numbers")
+    require(series.numel() >= 1, "norms", norms, "must be non-empty (hold at least one norm)")
     require_finite("norms", series)
     names = GOVERNOR_LEVELS
     # 1. monotone

@@ -105,6 +105,64 @@ def test_clamp_frobenius_noncontiguous_and_gradient():
                                rtol=1e-12, atol=0)
 
 
+_NAN_CLAMPS = [
+    ("all-nan", lambda d, t: torch.full_like(d, math.nan)),
+    ("one-nan", lambda d, t: clamp_frobenius(d, t).index_put((torch.tensor([1]), torch.tensor([0]),
+                                                              torch.tensor([1])),
+                                                             torch.tensor(math.nan, dtype=d.dtype))),
+    ("inf", lambda d, t: d * math.inf),
+    ("nan-where-zero", lambda d, t: torch.where(d == 0, math.nan, clamp_frobenius(d, t))),
+]
+
+
+@pytest.mark.parametrize("name, clamp", _NAN_CLAMPS, ids=[n for n, _ in _NAN_CLAMPS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=lambda d: str(d).split(".")[-1])
+def test_h3_non_finite_clamp_output_is_a_violation(name, clamp, dtype):
+    """NaN compares False with any bound: H3 used to pass a clamp returning all NaN."""
+    delta = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64).to(dtype) * 3
+    delta[2] = 0  # a zero matrix too (c = 0 is its only allowed coefficient)
+    with pytest.raises(InvariantViolation, match=r"(?s)\[H3\].*non-finite output elements.*"
+                                                 r"with non-finite output\)"):
+        assert_clamp_preserves_direction(clamp, delta, max_norm=1.0)
+
+
+def test_h3_names_the_non_finite_matrix_first():
+    delta = torch.ones(4, 2, 2)
+    delta[1] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+
+    def clamp(d, t):  # matrix 1 clipped element-wise (finite, wrong), matrix 3 NaN
+        out = clamp_frobenius(d, t).clone()
+        out[1] = d[1].clamp(-0.1, 2.5)
+        out[3, 0, 0] = math.nan
+        return out
+    with pytest.raises(InvariantViolation, match=r"sample \[3\] .* 1 non-finite output elements; "
+                                                 r"2 of 4 matrices fail \(1 with non-finite"):
+        assert_clamp_preserves_direction(clamp, delta, max_norm=1.0)
+
+
+@pytest.mark.parametrize("check", ["h1", "h2"])
+def test_h1_h2_non_finite_clamp_output_is_a_violation(check):
+    delta = torch.full((2, 2, 2), 3.0)
+    nan_clamp = lambda d, t: torch.full_like(d, math.nan)  # noqa: E731
+    with pytest.raises(InvariantViolation):
+        if check == "h1":
+            assert_delta_norms_bounded(nan_clamp(delta, 1.0))
+        else:
+            assert_clamp_identity_below_cap(nan_clamp, delta * 0.1)
+
+
+def test_h4_non_finite_predicted_deltas_are_a_violation():
+    class NaNNet(UserHyperNet):
+        def forward(self, ctx):
+            out = super().forward(ctx)
+            return {k: v * math.nan for k, v in out.items()}
+    net = NaNNet()
+    with pytest.raises(InvariantViolation, match=r"(?s)\[H4\].*finite deltas.*w_q\[0\]: 42 of 42 delta elements are non-finite"):
+        assert_gradient_reaches_predictor(net, net.parameters(), torch.ones(2, 5))
+
+
 # ----------------------------------- generic checks on a user's own module
 class UserHyperNet(nn.Module):
     """Another HyperLoRA style: context -> dict of (B, out, in) deltas, float64 clamp."""
@@ -265,6 +323,16 @@ def test_strategies_reach(what, strategy, predicate):
 
 
 # ---------------------------------------------------------------- bad input
+class _OptWithLr(torch.optim.SGD):
+    """An optimizer whose param group carries a non-number lr (a config typo)."""
+
+    param = [nn.Parameter(torch.ones(1))]
+
+    def __init__(self, lr):
+        super().__init__(self.param, lr=0.1)
+        self.param_groups[0]["lr"] = lr
+
+
 def _governor_check(norms):
     return assert_norm_governor_acts(NormGovernor(), norms)
 
@@ -316,7 +384,33 @@ BAD_INPUT = [
     ("h6_no_hyper_params", lambda: assert_param_group_lrs(torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1),
                                                           [], base_lr=0.1), r"hyperlora_params=.*at least one"),
     ("h7_nan_norms", lambda: _governor_check([1.0, math.nan]), r"norms=.*must be finite"),
-    ("h7_empty_norms", lambda: _governor_check([]), r"norms=\[\]: must hold at least one norm"),
+    ("h7_empty_norms", lambda: _governor_check([]), r"norms=\[\]: must be non-empty"),
+    ("h7_text_norms", lambda: _governor_check(["high"]), r"norms=\['high'\]: must be a sequence of numbers"),
+    ("h7_nested_norms", lambda: _governor_check([[1.0, 2.0]]), r"norms=\[\[1.0, 2.0\]\]: must be a flat"),
+    ("h7_not_a_governor", lambda: assert_norm_governor_acts(object(), [1.0]),
+     r"governor=<object .*must have a callable decide\(\)"),
+    ("h1_empty_batch", lambda: assert_delta_norms_bounded(torch.ones(0, 2, 3)),
+     r"deltas.shape=\(0, 2, 3\): must be non-empty"),
+    ("h1_empty_matrix", lambda: assert_delta_norms_bounded({"w": torch.ones(2, 0, 3)}),
+     r"deltas\['w'\].shape=\(2, 0, 3\): must be non-empty"),
+    ("h1_predictor_empty", lambda: assert_predictor_deltas_bounded(
+        lambda c: torch.zeros(c.shape[0], 0, 4), torch.ones(2, 5)),
+     r"deltas.shape=\(2, 0, 4\): must be non-empty"),
+    ("h2_empty", lambda: assert_clamp_identity_below_cap(clamp_frobenius, torch.ones(0, 2, 2)),
+     r"deltas.shape=\(0, 2, 2\): must be non-empty"),
+    ("h3_empty", lambda: assert_clamp_preserves_direction(lambda d, t: d, torch.ones(0, 2, 2)),
+     r"deltas.shape=\(0, 2, 2\): must be non-empty"),
+    ("h3_clamp_not_callable", lambda: assert_clamp_preserves_direction(1.0, torch.ones(1, 2, 2)),
+     r"clamp=1.0: must be callable"),
+    ("h3_clamp_wrong_signature", lambda: assert_clamp_preserves_direction(
+        lambda d: d, torch.ones(1, 2, 2)), r"clamp: calling it as clamp\(deltas .* failed \(TypeError"),
+    ("h4_empty_deltas", lambda: assert_gradient_reaches_predictor(
+        lambda c: torch.zeros(c.shape[0], 0, 4, requires_grad=True), [nn.Parameter(torch.ones(1))],
+        torch.ones(2, 5)), r"predict\(contexts\).shape=\(2, 0, 4\): must be non-empty"),
+    ("h5_empty", lambda: assert_lora_decay_term(lambda d: d.sum(), torch.ones(0, 2, 2)),
+     r"deltas.shape=\(0, 2, 2\): must be non-empty"),
+    ("h6_lr_not_a_number", lambda: assert_param_group_lrs(
+        _OptWithLr("fast"), _OptWithLr.param, base_lr=0.1), r"param_groups\[0\]\['lr'\]='fast'"),
     ("h7_thresholds_disordered", lambda: assert_norm_governor_acts(NormGovernor(), [1.0], warn=2.0, critical=1.5),
      r"Cannot have warn=2, critical=1.5, kill=2"),
     ("governor_warn_zero", lambda: NormGovernor(warn=0.0), r"warn=0.0: must be a finite number > 0"),
