@@ -56,6 +56,22 @@ def _call(name: str, fn: Callable[..., Any], epoch: int, inputs: tuple) -> torch
             f"{name}: calling it as {name}(epoch={epoch}, *inputs) failed "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     require_tensor(f"{name}(epoch={epoch}, *inputs)", out)
+    require(out.numel() > 0, f"{name}(epoch={epoch}, *inputs).shape", tuple(out.shape),
+            "must be non-empty (comparing no element proves nothing); pass non-empty inputs")
+    if out.is_floating_point() or out.is_complex():
+        bad = ~torch.isfinite(out.detach())
+        if bool(bad.any()):
+            index = tuple(int(i) for i in torch.nonzero(bad)[0])
+            where = (f"{int(bad.sum())} of {out.numel()} output elements at epoch {epoch} are "
+                     f"non-finite (first at {list(index)}: {out.detach()[index].item()!r})")
+            if name == "without":  # the caller's yardstick, not the subject
+                raise InvalidArgumentError(
+                    f"without(epoch={epoch}, *inputs): {where}; the model without the module "
+                    "must give finite outputs on these inputs")
+            fail("finite outputs of the model with the staged module (inputs are finite)",
+                 f"{name}: {where}",
+                 hint="a NaN/inf output compares unequal (or equal) to anything; find where it "
+                      "is produced before judging the staging")
     return out
 
 
@@ -192,11 +208,19 @@ def assert_film_identity_at_init(film: Callable[..., torch.Tensor], x: torch.Ten
     __tracebackhide__ = True
     require(callable(film), "film", film, "must be callable as film(x, *context)")
     require_finite("x", x)
+    require(x.numel() > 0, "x.shape", tuple(x.shape), "must be non-empty (an identity on no "
+            "element proves nothing)")
     for i, c in enumerate(context):
         if isinstance(c, torch.Tensor) and c.is_floating_point():
             require_finite(f"context[{i}]", c)
-    with torch.no_grad():
-        y = film(x, *context)
+    try:
+        with torch.no_grad():
+            y = film(x, *context)
+    except (RuntimeError, TypeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise InvalidArgumentError(
+            f"film: calling it as film(x (shape {tuple(x.shape)}, {x.dtype}), *context) failed "
+            f"({type(exc).__name__}: {first})") from None
     require_tensor("film(x, *context)", y)
     if y.shape != x.shape:
         raise InvalidArgumentError(
@@ -213,6 +237,8 @@ def _snapshot(read: Callable[[], Mapping[str, torch.Tensor]]) -> dict[str, torch
     weights = read()
     require(isinstance(weights, Mapping) and len(weights) > 0, "read()", weights,
             "must return a non-empty mapping name -> EMA tensor")
+    for k, v in weights.items():
+        require_tensor(f"read()[{k!r}]", v)
     return {k: v.detach().clone() for k, v in weights.items()}
 
 
@@ -263,6 +289,8 @@ def assert_weight_ema_tracks_weights(model: nn.Module, update: Callable[[], Any]
         for name, w in weights.items():
             require(name in params, f"history[{t}]", name, "is not a parameter of model")
             require_finite(f"history[{t}][{name!r}]", w)
+            require(w.numel() > 0, f"history[{t}][{name!r}].shape", tuple(w.shape),
+                    "must be non-empty (an EMA of no element proves nothing)")
             if w.shape != params[name].shape:
                 raise InvalidArgumentError(
                     f"history[{t}][{name!r}].shape={tuple(w.shape)}: must match the "
@@ -305,12 +333,14 @@ def assert_weight_ema_tracks_weights(model: nn.Module, update: Callable[[], Any]
                 hi[name] = torch.maximum(hi[name], w)
                 g = got.double()
                 slack = tol.atol + tol.rtol * torch.maximum(lo[name].abs(), hi[name].abs())
-                outside = (g < lo[name] - slack) | (g > hi[name] + slack)
+                # NaN compares False with both bounds: a non-finite EMA is outside too
+                outside = ~((g >= lo[name] - slack) & (g <= hi[name] + slack))
                 if bool(outside.any()):
                     flat = int(torch.nonzero(outside.flatten())[0])
                     idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), g.shape)) \
                         if g.dim() else ()
-                    fail("the EMA to stay in the convex hull of its history (ema_0, w_1..w_t)",
+                    fail("the EMA to stay (finite) in the convex hull of its history "
+                         "(ema_0, w_1..w_t)",
                          f"step {t}: ema[{name!r}]{list(idx)} = {float(g[idx]):.6g} outside "
                          f"[{float(lo[name][idx]):.6g}, {float(hi[name][idx]):.6g}] "
                          f"({int(outside.sum())} of {g.numel()} elements outside)")

@@ -266,6 +266,8 @@ _X = torch.ones(1, 5)
 _EMA_MODEL = nn.Linear(2, 2, bias=False)
 _NOOP = lambda: None  # noqa: E731
 _READ = lambda: {"weight": _EMA_MODEL.weight}  # noqa: E731
+_EMPTY_MODEL = nn.Module()
+_EMPTY_MODEL.weight = nn.Parameter(torch.zeros(2, 0))
 
 BAD = [
     ("s1_negative_start", lambda: assert_staged_module_identity_before_start(
@@ -334,7 +336,68 @@ BAD = [
      r"min_length=0: must be an integer >= 1"),
     ("strategy_history_magnitude", lambda: weight_histories(max_magnitude=math.inf),
      r"max_magnitude=inf"),
+    ("s1_empty_input", lambda: assert_staged_module_identity_before_start(
+        _M, _W, torch.ones(0, 5), start_epoch=2),
+     r"staged\(epoch=0, \*inputs\).shape=\(0, 2\): must be non-empty"),
+    ("s2_empty_input", lambda: assert_staged_module_active_from_start(
+        _M, _W, torch.ones(0, 5), start_epoch=2, epochs=[2]),
+     r"staged\(epoch=2, \*inputs\).shape=\(0, 2\): must be non-empty"),
+    ("s2_without_nan", lambda: assert_staged_module_active_from_start(
+        _M, lambda e, x: _W(e, x) * math.nan, _X, start_epoch=2, epochs=[2]),
+     r"without\(epoch=2, \*inputs\): 2 of 2 output elements .* non-finite"),
+    ("s3_empty_x", lambda: assert_film_identity_at_init(UserFiLM(5), torch.ones(0, 5)),
+     r"x.shape=\(0, 5\): must be non-empty"),
+    ("s3_wrong_signature", lambda: assert_film_identity_at_init(lambda x, c: x, _X),
+     r"film: calling it as film\(x \(shape \(1, 5\), torch.float32\), \*context\) failed "
+     r"\(TypeError"),
+    ("s5_empty_weight", lambda: assert_weight_ema_tracks_weights(
+        _EMPTY_MODEL, _NOOP, lambda: {"weight": torch.zeros(2, 0)},
+        [{"weight": torch.zeros(2, 0)}], decay=0.5),
+     r"history\[0\]\['weight'\].shape=\(2, 0\): must be non-empty"),
+    ("s5_read_not_tensor", lambda: assert_weight_ema_tracks_weights(
+        _EMA_MODEL, _NOOP, lambda: {"weight": [[0.0, 0.0], [0.0, 0.0]]},
+        [{"weight": torch.zeros(2, 2)}], decay=0.5),
+     r"read\(\)\['weight'\]=.*must be a torch.Tensor, got list"),
+    ("s6_empty_input", lambda: assert_stage_schedule_honoured(
+        lambda s: {"k": (_M, _W)}, {"k": 1}, torch.ones(0, 5), epochs=3),
+     r"staged\(epoch=0, \*inputs\).shape=\(0, 2\): must be non-empty"),
 ]
+
+
+# ------------------------------------------- NaN is never "equal", "inside" or "inactive"
+def test_s2_nan_output_is_a_violation_not_activity():
+    """NaN differs from every number, so a NaN output used to count as 'the module acts'."""
+    nan_model = lambda e, x: _M(e, x) * (math.nan if e >= 2 else 1.0)  # noqa: E731
+    with pytest.raises(InvariantViolation, match=r"(?s)\[S2\].*finite outputs.*staged: 2 of 2 "
+                                                 r"output elements at epoch 2 are non-finite"):
+        assert_staged_module_active_from_start(nan_model, _W, _X, start_epoch=2, epochs=[2])
+
+
+def test_s1_nan_output_on_both_sides_is_not_identity():
+    both_nan = lambda e, x: _W(e, x) * math.nan  # noqa: E731
+    with pytest.raises(InvariantViolation, match=r"(?s)\[S1\].*staged: 2 of 2 output elements "
+                                                 r"at epoch 0 are non-finite"):
+        assert_staged_module_identity_before_start(both_nan, both_nan, _X, start_epoch=1)
+
+
+def test_s6_nan_before_start_is_a_violation():
+    """NaN on both sides compared 'close', so a module producing NaN read as off."""
+    nan_model = lambda e, x: _M(e, x) * (math.nan if e < 1 else 1.0)  # noqa: E731
+    with pytest.raises(InvariantViolation, match=r"(?s)\[S6\].*at epoch 0 are non-finite"):
+        assert_stage_schedule_honoured(lambda s: {"k": (nan_model, _W)}, {"k": 1}, _X, epochs=3)
+
+
+@pytest.mark.parametrize("decay", [None, 0.5], ids=["any-decay", "decay-0.5"])
+def test_s5_nan_ema_is_a_violation(decay):
+    """The convex-hull test compared NaN with the bounds: False on both sides, so 'inside'."""
+    model = nn.Linear(2, 2, bias=False)
+    shadow = {"weight": model.weight.detach().clone()}
+
+    def update():
+        shadow["weight"] = torch.full((2, 2), math.nan)
+    with pytest.raises(InvariantViolation, match=r"(?s)\[S5\]"):
+        assert_weight_ema_tracks_weights(model, update, lambda: shadow,
+                                         [{"weight": torch.ones(2, 2)}], decay=decay)
 
 
 @pytest.mark.parametrize("call, match", [(c, m) for _, c, m in BAD], ids=[i for i, _, _ in BAD])
