@@ -97,7 +97,12 @@ def _named_params(step: Callable, params: Any) -> list[tuple[str, torch.Tensor]]
     elif isinstance(params, Mapping):
         named += [(f"params[{k!r}]", p) for k, p in params.items()]
     else:
-        named += [(f"params[{i}]", p) for i, p in enumerate(params)]
+        try:
+            named += [(f"params[{i}]", p) for i, p in enumerate(params)]
+        except TypeError:
+            raise InvalidArgumentError(
+                f"params={params!r:.80}: must be a tensor, an nn.Module, a mapping or an "
+                "iterable of tensors") from None
     for name, p in named:
         require(isinstance(p, torch.Tensor), name, p, "must be a tensor")
     return named
@@ -155,6 +160,16 @@ def _run(call: Callable[[], Any], targets: dict[int, torch.Tensor], seed: int) -
             handle.remove()
         for key, grad in saved_grads.items():
             targets[key].grad = grad
+
+
+def _require_finite_run(what: str, tensor: torch.Tensor) -> None:
+    bad = ~torch.isfinite(tensor.detach())
+    if bool(bad.any()):
+        index = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise InvalidArgumentError(
+            f"{what}: {int(bad.sum())} of {tensor.numel()} elements are non-finite (first at "
+            f"{list(index)}: {tensor.detach()[index].item()!r}) without checkpointing; the "
+            "equivalence is checked on finite runs only: fix the step or its inputs")
 
 
 def _validate_structure(args: Any, kwargs: Any, use_reentrant: bool | None,
@@ -231,7 +246,8 @@ def assert_checkpoint_gradient_equivalent(step: Callable[..., Any], args: tuple 
             "must be callable like torch.utils.checkpoint.checkpoint(fn, *args, **kwargs)")
     kwargs = {} if kwargs is None else kwargs
     _validate_structure(args, kwargs, use_reentrant, custom=checkpoint is not None)
-    require(isinstance(seed, int), "seed", seed, "must be an integer")
+    require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2 ** 63,
+            "seed", seed, "must be an integer in [0, 2**63)")
     ckpt = checkpoint or _torch_checkpoint
     if use_reentrant is not None:
         ckpt = functools.partial(ckpt, use_reentrant=use_reentrant)
@@ -260,6 +276,9 @@ def assert_checkpoint_gradient_equivalent(step: Callable[..., Any], args: tuple 
     probe_outputs = [t for _, t in _leaves(probe, "out") if t.is_floating_point()]
     require(bool(probe_outputs), "step", step,
             "returned no floating-point tensor; there is nothing to compare")
+    require(any(t.numel() > 0 for t in probe_outputs), "step", step,
+            f"returned only empty floating tensors (shapes "
+            f"{[tuple(t.shape) for t in probe_outputs][:4]}); outputs must be non-empty")
     for leaf in _graph_leaves(probe_outputs):
         if leaf.requires_grad and id(leaf) not in targets:
             names[id(leaf)] = f"upstream leaf {tuple(leaf.shape)} #{len(names)}"
@@ -271,6 +290,13 @@ def assert_checkpoint_gradient_equivalent(step: Callable[..., Any], args: tuple 
             "upstream); the gradient comparison would be empty")
 
     plain = _run(lambda: step(*args, **kwargs), targets, seed)
+    # The yardstick must be finite: NaN in the plain run is the step's problem (or its
+    # inputs'), and NaN compares unequal to itself, so it would read as a checkpoint bug.
+    for path, out in plain.outputs:
+        _require_finite_run(f"step(...) output {path}", out)
+    for key, grad in plain.grads.items():
+        if grad is not None:
+            _require_finite_run(f"gradient of {names[key]} without checkpointing", grad)
     try:
         ckpt_run = _run(lambda: ckpt(step, *args, **kwargs), targets, seed)
     except Exception as exc:  # noqa: BLE001 - reported as the violation it is

@@ -319,7 +319,30 @@ BAD_CALLS = [
      r"nothing requires grad"),
     ("negative_rtol", lambda: (*_solver_args(), {}, {"use_reentrant": False, "rtol": -1.0}),
      r"rtol=-1.0: must be a finite number >= 0"),
+    ("empty_output", lambda: (lambda x: x[:0] * 2, (torch.randn(3, requires_grad=True),), {},
+                              {"use_reentrant": False}),
+     r"returned only empty floating tensors \(shapes \[\(0,\)\]\); outputs must be non-empty"),
+    ("step_makes_nan", lambda: (lambda x: x / 0.0 * 0.0, (torch.randn(3, requires_grad=True),), {},
+                                {"use_reentrant": False}),
+     r"step\(...\) output out: 3 of 3 elements are non-finite .* without checkpointing"),
+    ("nan_gradient", lambda: (lambda x: torch.sqrt(x), (torch.zeros(3, requires_grad=True),), {},
+                              {"use_reentrant": False}),
+     r"gradient of args\[0\] without checkpointing: 3 of 3 elements are non-finite"),
+    ("params_not_iterable", lambda: (*_solver_args(), {}, {"use_reentrant": False, "params": 5}),
+     r"params=5: must be a tensor, an nn.Module, a mapping or an iterable"),
+    ("seed_too_big", lambda: (*_solver_args(), {}, {"use_reentrant": False, "seed": 2 ** 70}),
+     r"seed=1180591620717411303424: must be an integer in \[0, 2\*\*63\)"),
 ]
+
+
+def test_checkpointed_run_turning_nan_is_a_violation():
+    """NaN compared False with every tolerance: a checkpoint that yields NaN must not pass."""
+    def nan_checkpoint(fn, *args, **kwargs):
+        out = checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return out * math.nan
+    step, args = _solver_args()
+    with pytest.raises(InvariantViolation, match=r"(?s)\[S4\].*custom checkpoint"):
+        assert_checkpoint_gradient_equivalent(step, args, checkpoint=nan_checkpoint)
 
 
 @pytest.mark.parametrize("build, match", [(b, m) for _, b, m in BAD_CALLS],
