@@ -83,6 +83,27 @@ def require_max_norm(max_norm: Any) -> None:
             "must be a finite number > 0 (the cap on the total gradient norm)")
 
 
+def _unravel(flat: int, shape: Sequence[int]) -> tuple[int, ...]:
+    if not shape:
+        return ()
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(shape)))
+
+
+def _losses(name: str, values: Any) -> list[float]:
+    """``values`` as a non-empty list of Python floats (NaN allowed: never an improvement)."""
+    require(isinstance(values, Sequence) and not isinstance(values, (str, bytes)), name,
+            values, "must be a sequence of numbers")
+    require(len(values) > 0, name, values, "must be non-empty (a run with no check proves "
+            "nothing)")
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError, RuntimeError):
+            raise InvalidArgumentError(f"{name}[{i}]={v!r:.60}: must be a number") from None
+    return out
+
+
 def _is_improvement(value: float, best: float, min_delta: float) -> bool:
     return value < best - min_delta
 
@@ -148,6 +169,12 @@ def assert_stage_boundary_keeps_optimizer_state(
     require(callable(transition), "transition", transition,
             "must be a zero-argument callable performing the stage change")
     before = _state_snapshot(optimizer)
+    for pid, state in before["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                require(bool(torch.isfinite(value).all()), f"optimizer.state[{pid}][{key!r}]",
+                        value, "must be finite before the stage boundary (NaN state cannot "
+                        "be shown to survive: NaN equals nothing)")
     sched_before = copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None
     result = transition()
     new_opt, new_sched = optimizer, scheduler
@@ -229,11 +256,27 @@ def assert_curriculum_progresses(stages: Sequence[Sequence[Hashable]], *,
     prev_set: set | None = None
     prev_max = -math.inf
     for k, stage in enumerate(stages, start=1):
+        require(isinstance(stage, Sequence) and not isinstance(stage, (str, bytes)),
+                f"stages[{k - 1}]", stage, "must be a sequence of samples")
         if len(stage) == 0:
             fail("every curriculum stage to hold data", f"stage {k} is empty")
-        current = set(stage)
-        hardest = max(stage, key=difficulty)
-        level = float(difficulty(hardest))
+        try:
+            current = set(stage)
+        except TypeError:
+            raise InvalidArgumentError(
+                f"stages[{k - 1}]={stage!r:.60}: samples must be hashable") from None
+        levels = []
+        for sample in stage:
+            try:
+                levels.append(float(difficulty(sample)))
+            except (TypeError, ValueError) as exc:
+                raise InvalidArgumentError(
+                    f"difficulty({sample!r:.40}): must return a number (stage {k}); it failed "
+                    f"with {type(exc).__name__}: {str(exc)[:60]}") from None
+            require(math.isfinite(levels[-1]), f"difficulty({sample!r:.40})", levels[-1],
+                    f"must be finite (stage {k}); NaN compares False with every bound")
+        j = max(range(len(levels)), key=levels.__getitem__)
+        hardest, level = stage[j], levels[j]
         if prev_set is not None and current == prev_set:
             fail("each curriculum stage to differ from the previous one",
                  f"stage {k} holds exactly the same {len(current)} distinct samples as "
@@ -268,6 +311,7 @@ def assert_early_stopping_follows_patience(stopper: Any, val_losses: Sequence[fl
     require_min_delta(min_delta)
     require(callable(getattr(stopper, "step", None)), "stopper", stopper,
             "must have a step(val_loss) -> bool method")
+    val_losses = _losses("val_losses", val_losses)
     want = expected_early_stop(val_losses, patience=patience, min_delta=min_delta)
     got = None
     for i, value in enumerate(val_losses):
@@ -311,8 +355,9 @@ def assert_best_checkpoint_tracks_minimum(tracker: Any, val_losses: Sequence[flo
     """
     __tracebackhide__ = True
     require_min_delta(min_delta)
-    require(callable(getattr(tracker, "update", None)), "tracker", tracker,
-            "must have an update(val_loss) -> bool method and a best attribute")
+    require(callable(getattr(tracker, "update", None)) and hasattr(tracker, "best"), "tracker",
+            tracker, "must have an update(val_loss) -> bool method and a best attribute")
+    val_losses = _losses("val_losses", val_losses)
     best, best_at = math.inf, None
     running_min = math.inf
     for i, raw in enumerate(val_losses):
@@ -331,8 +376,12 @@ def assert_best_checkpoint_tracks_minimum(tracker: Any, val_losses: Sequence[flo
                       "apply min_delta: only a real improvement may replace the best checkpoint")
         if should:
             best, best_at = value, i
-        got_best = float(getattr(tracker, "best"))
-        if not (got_best == best or (math.isinf(best) and math.isinf(got_best))):
+        try:
+            got_best = float(getattr(tracker, "best"))
+        except (TypeError, ValueError, RuntimeError):
+            raise InvalidArgumentError(f"tracker.best={tracker.best!r:.60}: must be a number") \
+                from None
+        if not got_best == best:  # exact; inf == inf, and NaN or -inf never equals +inf
             fail(f"tracker.best == val_loss of the last checkpoint ({best:.6g}) after check "
                  f"{i + 1}", f"tracker.best = {got_best:.6g}")
 
@@ -363,6 +412,9 @@ def assert_gradients_clipped(clip: Callable[..., Any], grads: Sequence[torch.Ten
     require(len(grads) >= 1, "grads", grads, "must hold at least one gradient tensor")
     for i, g in enumerate(grads):
         require_tensor(f"grads[{i}]", g)
+        require(g.is_floating_point(), f"grads[{i}].dtype", g.dtype, "must be floating")
+        require(g.numel() > 0, f"grads[{i}].shape", tuple(g.shape),
+                "must be non-empty (clipping no element proves nothing)")
         require(bool(torch.isfinite(g).all()), f"grads[{i}]", g, "must be finite")
         require(g.dtype == grads[0].dtype, f"grads[{i}].dtype", g.dtype,
                 f"must equal grads[0].dtype={grads[0].dtype}")
@@ -376,6 +428,18 @@ def assert_gradients_clipped(clip: Callable[..., Any], grads: Sequence[torch.Ten
     before = torch.cat([g.detach().double().flatten() for g in grads])
     after = torch.cat([p.grad.detach().double().flatten() for p in params])
     norm_before, norm_after = float(before.norm()), float(after.norm())
+    nonfinite = ~torch.isfinite(after)
+    if bool(nonfinite.any()):
+        sizes = [p.grad.numel() for p in params]
+        flat = int(torch.nonzero(nonfinite)[0])
+        i = next(k for k in range(len(sizes)) if flat < sum(sizes[:k + 1]))
+        local = flat - sum(sizes[:i])
+        index = _unravel(local, params[i].grad.shape)
+        fail(f"finite gradients after clipping to max_norm={max_norm:g}",
+             f"{int(nonfinite.sum())} of {after.numel()} elements are non-finite; first "
+             f"grads[{i}]{list(index)} = {float(params[i].grad[index])!r} (was "
+             f"{float(grads[i][index])!r}; total norm before {norm_before:.9g})",
+             hint="divide by (total_norm + eps), never by a norm that can be 0")
     allowed = max_norm * (1 + tol.rtol) + tol.atol
     if norm_after > allowed:
         fail(f"total grad norm <= max_norm={max_norm:g} after clipping (allowed {allowed:.9g} "
@@ -416,11 +480,20 @@ def _lr_values(schedule: Any, total_steps: int) -> list[float]:
                 values.append(float(schedule.get_last_lr()[0]))
         return values
     if callable(schedule):
-        return [float(schedule(t)) for t in range(total_steps + 1)]
-    require(isinstance(schedule, Sequence) and len(schedule) == total_steps + 1, "schedule",
-            schedule, f"must be an LR scheduler, a callable step -> lr, or total_steps + 1 = "
-                      f"{total_steps + 1} learning rates")
-    return [float(v) for v in schedule]
+        values = [schedule(t) for t in range(total_steps + 1)]
+        name = "schedule(step)"
+    else:
+        require(isinstance(schedule, Sequence) and len(schedule) == total_steps + 1, "schedule",
+                schedule, f"must be an LR scheduler, a callable step -> lr, or total_steps + 1 = "
+                          f"{total_steps + 1} learning rates")
+        values, name = list(schedule), "schedule"
+    out = []
+    for t, v in enumerate(values):
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError, RuntimeError):
+            raise InvalidArgumentError(f"{name}[{t}]={v!r:.60}: must be a number") from None
+    return out
 
 
 @invariant_check("P6")
@@ -515,6 +588,13 @@ def assert_grokfast_filter_exact(filter_step: Callable[[list[torch.Tensor]], Seq
             "must be callable list[Tensor] -> list[Tensor]")
     require(len(grad_steps) >= 1, "grad_steps", grad_steps, "must hold at least one step")
     n = len(grad_steps[0])
+    require(n >= 1, "grad_steps[0]", grad_steps[0], "must be non-empty (hold at least one tensor)")
+    for t, grads in enumerate(grad_steps):
+        for i, g in enumerate(grads):
+            require_tensor(f"grad_steps[{t}][{i}]", g)
+            require(g.numel() > 0, f"grad_steps[{t}][{i}].shape", tuple(g.shape),
+                    "must be non-empty")
+            require(bool(torch.isfinite(g).all()), f"grad_steps[{t}][{i}]", g, "must be finite")
     emas: list[torch.Tensor] | None = None
     for step, grads in enumerate(grad_steps, start=1):
         require(len(grads) == n, f"grad_steps[{step - 1}]", grads,
@@ -522,6 +602,8 @@ def assert_grokfast_filter_exact(filter_step: Callable[[list[torch.Tensor]], Seq
         inputs = [g.clone() for g in grads]
         out = list(filter_step(inputs))
         require(len(out) == n, "filter_step(...)", out, f"must return {n} tensors")
+        for i, o in enumerate(out):
+            require_tensor(f"filter_step(...)[{i}]", o)
         g64 = [g.double() for g in grads]
         emas = g64 if emas is None else [alpha * e + (1 - alpha) * g for e, g in zip(emas, g64)]
         for i, (g, o, e) in enumerate(zip(grads, out, emas)):
@@ -573,7 +655,9 @@ def assert_validation_split_sound(split: Callable[[Sequence[Any], int], Any],
     __tracebackhide__ = True
     require(isinstance(fraction, float) and 0.0 < fraction < 1.0, "fraction", fraction,
             "must be a float in (0, 1)")
-    require(len(samples) >= 1, "samples", samples, "must hold at least one sample")
+    require(hasattr(samples, "__len__") and len(samples) >= 1, "samples", samples,
+            "must be a non-empty sequence (hold at least one sample)")
+    require(callable(split), "split", split, "must be callable split(samples, seed)")
     n = len(samples)
     train, val = (_indices(p, name) for p, name in zip(split(samples, seed), ("train", "val")))
     overlap = sorted(set(train) & set(val))
@@ -622,9 +706,20 @@ def assert_sources_balanced(sources: Sequence[str], *, caps: Mapping[str, int],
       InvalidArgumentError: for a negative or non-integer cap.
     """
     __tracebackhide__ = True
+    require(isinstance(caps, Mapping) and len(caps) > 0, "caps", caps,
+            "must be a non-empty mapping source -> cap")
     for name, cap in caps.items():
         require(isinstance(cap, int) and cap >= 0, f"caps[{name!r}]", cap,
                 "must be an integer >= 0")
+    require(isinstance(sources, Sequence) and not isinstance(sources, (str, bytes)), "sources",
+            sources, "must be a sequence of source names (one per sample)")
+    # empty is meaningful only against `available` (every source must then have had none)
+    require(len(sources) > 0 or available is not None, "sources", sources,
+            "must be non-empty unless `available` is given (caps on no sample prove nothing)")
+    if available is not None:
+        for name, n in available.items():
+            require(isinstance(n, int) and n >= 0, f"available[{name!r}]", n,
+                    "must be an integer >= 0")
     counts = Counter(sources)
     total = max(1, len(sources))
     uncapped = sorted(set(counts) - set(caps))

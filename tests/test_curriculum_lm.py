@@ -113,7 +113,100 @@ BAD_INPUT = [
                                                              max_total_steps=2),
      r"Cannot have max_total_steps=2 < min_total_steps=5"),
     ("train_max_epochs_0", lambda: clm.train(max_epochs=0), r"max_epochs=0"),
+    ("check_p3_empty", lambda: assert_early_stopping_follows_patience(
+        clm.EarlyStopping(), [], patience=3, min_delta=0.01), r"val_losses=\[\]: must be non-empty"),
+    ("check_p3_text", lambda: assert_early_stopping_follows_patience(
+        clm.EarlyStopping(), [1.0, "low"], patience=3, min_delta=0.01),
+     r"val_losses\[1\]='low': must be a number"),
+    ("check_p4_empty", lambda: assert_best_checkpoint_tracks_minimum(
+        clm.BestCheckpoint(), [], min_delta=0.0), r"val_losses=\[\]: must be non-empty"),
+    ("check_p4_no_best", lambda: assert_best_checkpoint_tracks_minimum(
+        type("T", (), {"update": lambda self, v: True})(), [1.0], min_delta=0.0),
+     r"tracker=.*must have an update\(val_loss\) -> bool method and a best attribute"),
+    ("check_p5_zero_size", lambda: assert_gradients_clipped(
+        torch.nn.utils.clip_grad_norm_, [torch.ones(0)], max_norm=1.0),
+     r"grads\[0\].shape=\(0,\): must be non-empty"),
+    ("check_p5_zero_size_among_others", lambda: assert_gradients_clipped(
+        torch.nn.utils.clip_grad_norm_, [torch.ones(2), torch.ones(3, 0)], max_norm=1.0),
+     r"grads\[1\].shape=\(3, 0\): must be non-empty"),
+    ("check_p5_int_grad", lambda: assert_gradients_clipped(
+        torch.nn.utils.clip_grad_norm_, [torch.ones(2, dtype=torch.long)], max_norm=1.0),
+     r"grads\[0\].dtype=torch.int64: must be floating"),
+    ("check_p2_nan_difficulty", lambda: assert_curriculum_progresses(
+        [["a"], ["bb"]], difficulty=lambda s: math.nan), r"difficulty\('a'\)=nan: must be finite"),
+    ("check_p2_unhashable", lambda: assert_curriculum_progresses([[["a"]]]),
+     r"stages\[0\]=.*samples must be hashable"),
+    ("check_p2_text_difficulty", lambda: assert_curriculum_progresses(
+        [["a"]], difficulty=lambda s: "hard"), r"difficulty\('a'\): must return a number"),
+    ("check_p6_text_lr", lambda: assert_lr_schedule_warmup_cosine(
+        ["0.0", "x", 0.0], total_steps=2, warmup_steps=1, peak_lr=0.01),
+     r"schedule\[1\]='x': must be a number"),
+    ("check_p7_empty_list", lambda: assert_grokfast_filter_exact(
+        lambda g: g, [[]], alpha=0.9, lamb=0.1), r"grad_steps\[0\]=\[\]: must be non-empty"),
+    ("check_p7_zero_size", lambda: assert_grokfast_filter_exact(
+        lambda g: g, [[torch.ones(0)]], alpha=0.9, lamb=0.1),
+     r"grad_steps\[0\]\[0\].shape=\(0,\): must be non-empty"),
+    ("check_p7_nan_grad", lambda: assert_grokfast_filter_exact(
+        lambda g: g, [[torch.tensor([math.nan])]], alpha=0.9, lamb=0.1),
+     r"grad_steps\[0\]\[0\]=.*must be finite"),
+    ("check_p7_not_tensor", lambda: assert_grokfast_filter_exact(
+        lambda g: g, [[[1.0]]], alpha=0.9, lamb=0.1),
+     r"grad_steps\[0\]\[0\]=\[1.0\]: must be a torch.Tensor"),
+    ("check_p8_no_len", lambda: assert_validation_split_sound(
+        clm.split_train_val, iter([1, 2]), fraction=0.2), r"samples=.*must be a non-empty sequence"),
+    ("check_p9_empty_without_available", lambda: assert_sources_balanced([], caps={"a": 1}),
+     r"sources=\[\]: must be non-empty unless `available` is given"),
+    ("check_p9_no_caps", lambda: assert_sources_balanced(["a"], caps={}),
+     r"caps=\{\}: must be a non-empty mapping"),
 ]
+
+
+# -------------------------------------------- NaN never passes a bound it is compared with
+def _nan_clip(params, max_norm):
+    for p in params:
+        p.grad.mul_(math.nan)
+
+
+def _nan_below_cap_clip(params, max_norm):  # leaves large grads, NaNs a small one
+    total = torch.cat([p.grad.flatten() for p in params]).norm()
+    if total > max_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    params[-1].grad[-1] = math.nan
+
+
+@pytest.mark.parametrize("clip, grads", [
+    (_nan_clip, [torch.full((3,), 10.0)]),
+    (_nan_clip, [torch.full((3,), 0.01)]),
+    (_nan_below_cap_clip, [torch.full((3,), 10.0), torch.ones(2, 2)]),
+], ids=["nan-above-cap", "nan-below-cap", "one-nan-after-clip"])
+def test_p5_non_finite_after_clipping_is_a_violation(clip, grads):
+    """``norm_after > allowed`` is False for NaN: P5 used to pass a clip that wrote NaN."""
+    with pytest.raises(InvariantViolation, match=r"(?s)\[P5\].*finite gradients after clipping"
+                                                 r".*non-finite; first grads\[\d\]\["):
+        assert_gradients_clipped(clip, grads, max_norm=1.0)
+
+
+@pytest.mark.parametrize("best", [-math.inf, math.nan], ids=["minus-inf", "nan"])
+def test_p4_best_must_equal_exactly(best):
+    """A tracker reporting best = -inf (or NaN) before any save used to pass as 'both infinite'."""
+    class Tracker:
+        def __init__(self):
+            self.best = best
+
+        def update(self, value):
+            return False
+    with pytest.raises(InvariantViolation, match=r"(?s)\[P4\]"):
+        assert_best_checkpoint_tracks_minimum(Tracker(), [math.nan], min_delta=0.0)
+
+
+def test_p1_nan_optimizer_state_is_refused():
+    p = nn.Parameter(torch.ones(2))
+    opt = torch.optim.Adam([p])
+    p.grad = torch.tensor([math.nan, 1.0])
+    opt.step()
+    with pytest.raises(InvalidArgumentError, match=r"optimizer.state\[0\]\['exp_avg'\]=.*must be "
+                                                   r"finite before the stage boundary"):
+        assert_stage_boundary_keeps_optimizer_state(opt, lambda: None)
 
 
 @pytest.mark.parametrize("call, match", [(c, m) for _, c, m in BAD_INPUT],
