@@ -608,6 +608,14 @@ def _golden_rank_worker(rank: int, world_size: int, runs_module: str,
         finally:
             data_parallel.REDUCE_METRICS = True
         out.append(curves_of)
+    # Free the runs' DDP reducers while the group is alive, and leave together: a rank
+    # that tears the group down (rank 0 hosts the store) while the other is still in
+    # its last collective or its teardown made a rank die in C++ ("terminate called
+    # without an active exception"), observed a few times in 20-odd groups.
+    import gc
+    import torch.distributed as dist
+    gc.collect()
+    dist.barrier()
     return out
 
 
