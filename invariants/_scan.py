@@ -302,8 +302,11 @@ def _detect(path: str) -> str:
         return "jsonl"
     if suffix in (".csv",):
         return "csv"
-    with open(path, "rb") as fh:
-        head = fh.read(4096)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError as exc:
+        raise _err(path, None, f"cannot read ({exc.strerror or exc})") from None
     text = head.lstrip()
     if text.startswith(b"{"):
         return "jsonl"

@@ -264,6 +264,25 @@ def test_bad_input_exits_2_naming_file_and_line(name, filename, content, extra, 
     assert re.search(match, err), err
 
 
+@pytest.mark.parametrize("name", ["log.jsonl", "log.csv", "log.dat"])
+def test_unreadable_file_exits_2(name, tmp_path, capsys, monkeypatch):
+    """Permission denied (simulated: tests may run as root) while detecting or reading."""
+    import builtins
+
+    import invariants._scan as scan_module
+    path = tmp_path / name
+    path.write_text('{"step": 0, "loss": 1}\n')
+
+    def deny(file, *args, **kwargs):
+        if os.fspath(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(file, *args, **kwargs)
+    monkeypatch.setattr(scan_module, "open", deny, raising=False)
+    code, out, err = _run(capsys, path)
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert f"{path}: cannot read (Permission denied)" in err
+
+
 def test_truncated_tensorboard_file_exits_2(tmp_path, capsys):
     _tensorboard(tmp_path / "tb", rlan_timeline())
     (event,) = (tmp_path / "tb").iterdir()
