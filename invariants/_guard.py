@@ -63,6 +63,8 @@ class CollapseGuard:
                 "must be a SignatureConfig or None")
         require(mode in _MODES, "mode", mode, f"must be one of {_MODES}")
         require(stop_on in _RANK, "stop_on", stop_on, "must be 'warning' or 'critical'")
+        require(metric_map is None or isinstance(metric_map, Mapping), "metric_map", metric_map,
+                "must be a mapping {canonical_name: your_name} or None")
         rename: dict[str, str] = {}
         for canon, theirs in (metric_map or {}).items():
             require(canon in CANONICAL_METRICS, "metric_map", canon,
@@ -98,6 +100,13 @@ class CollapseGuard:
           CollapseDetected: mode ``"raise"`` and a finding at or above ``stop_on``.
         """
         require(isinstance(metrics, Mapping), "metrics", metrics, "must be a mapping")
+        for k, v in metrics.items():
+            if isinstance(v, int) and not isinstance(v, bool):
+                try:
+                    float(v)
+                except OverflowError:  # a Python int beyond float range
+                    raise InvalidArgumentError(
+                        f"metrics[{k!r}]={v!r:.40}: integer too large for a float") from None
         if self._rename or self._ignore:
             out = {}
             for k, v in metrics.items():

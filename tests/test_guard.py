@@ -180,9 +180,11 @@ def test_memory_probe_sees_a_hidden_history():
     ({}, (math.nan, {"loss": 1.0}), r"step=nan"),
     ({}, ("5", {"loss": 1.0}), r"step='5': must be a number"),
     ({}, (0, [("loss", 1.0)]), r"metrics=.*must be a mapping"),
+    ({}, (0, {"loss": 10 ** 400}), r"metrics\['loss'\]=1000.*: integer too large for a float"),
+    ({"metric_map": [("loss", "x")]}, None, r"metric_map=\[\('loss', 'x'\)\]: must be a mapping"),
 ], ids=["mode", "stop_on", "config", "map-key", "unknown-metric", "non-numeric", "sample-type",
         "bool", "numeric-str",
-        "nan-step", "str-step", "not-mapping"])
+        "nan-step", "str-step", "not-mapping", "huge-int", "map-not-mapping"])
 def test_bad_arguments(kwargs, call, match):
     with pytest.raises(InvalidArgumentError, match=match):
         guard = CollapseGuard(**kwargs)
