@@ -43,6 +43,7 @@ __all__ = [
     "execute_distributed",
     "execute_distributed_jobs",
     "findings_of",
+    "mechanism_problems",
     "one_thread",
     "read_golden",
     "record_golden",
@@ -95,7 +96,9 @@ class GoldenRun:
       seed: the RNG seed of the run.
       note: what the run can and cannot reproduce of the seed's collapse (stored in the file).
       signature_config: the ``SignatureConfig`` its curves are scanned with; it must be the
-        same for a system's fixed and broken run (stored in ``config`` so it is hashed).
+        same for a system's fixed and broken run (hashed into ``config_sha256``).
+      kind: ``"fixed"`` (no critical finding allowed) or ``"broken"`` (its ``signatures``
+        must all be found).
       distributed_tolerances: per-metric tolerances for comparing a world-size >= 2 run
         (``assert_matches_golden(world_size=2)``) with the world-size-1 golden; measured
         (``invariants golden --world-size 2 --deviations``). Unlisted metrics use
@@ -122,8 +125,10 @@ class GoldenRun:
     distributed_tolerances: Mapping[str, GoldenTolerance] = field(default_factory=dict)
     distributed_exclusions: Mapping[str, str] = field(default_factory=dict)
     distributed_horizon: tuple[int, str] | None = None
+    kind: str = "fixed"  # "fixed": must show no collapse; "broken": must show `signatures`
 
     def __post_init__(self) -> None:
+        require(self.kind in ("fixed", "broken"), "kind", self.kind, "must be 'fixed' or 'broken'")
         for metric, why in self.distributed_exclusions.items():
             require(isinstance(why, str) and why.strip() != "", f"distributed_exclusions[{metric!r}]",
                     why, "must give the reason the metric cannot match (never exclude silently)")
@@ -135,8 +140,9 @@ class GoldenRun:
 
     @property
     def config_sha256(self) -> str:
-        blob = json.dumps({"run": self.config, "signature_config": repr(self.signature_config)},
-                          sort_keys=True, default=str).encode()
+        tolerances = {m: [t.rtol, t.atol] for m, t in sorted(self.tolerances.items())}
+        blob = json.dumps({"run": self.config, "signature_config": repr(self.signature_config),
+                           "tolerances": tolerances}, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()
 
     def tolerance(self, metric: str) -> GoldenTolerance:
@@ -242,6 +248,32 @@ def findings_of(run: GoldenRun, curves: Curves) -> list[dict[str, Any]]:
              "step": f.step} for f in scan_series(series, run.signature_config)]
 
 
+def mechanism_problems(run: GoldenRun, curves: Curves,
+                       found: Sequence[Mapping[str, Any]] | None = None) -> list[str]:
+    """What is wrong with a run's behaviour, independent of any golden file.
+
+    A ``fixed`` run must show no critical (collapse) finding; a ``broken`` run must show
+    every ``(signature, metric)`` in ``run.signatures``; every run must pass ``run.check``.
+    """
+    found = findings_of(run, curves) if found is None else found
+    problems = []
+    if run.kind == "fixed":
+        critical = [f for f in found if f["severity"] == "critical"]
+        if critical:
+            problems.append(f"  the fixed run shows collapse signatures: {critical}")
+    shown = {(f["signature"], f["metric"]) for f in found}
+    missing = [pair for pair in run.signatures if tuple(pair) not in shown]
+    if missing:
+        problems.append(f"  the run's documented signatures are missing: {missing} "
+                        f"(found: {sorted(shown)})")
+    if run.check is not None:
+        try:
+            run.check(curves)
+        except InvariantViolation as exc:
+            problems.append(f"  the run's own check fails: {exc}")
+    return problems
+
+
 def _nonfinite(curves: Curves) -> list[str]:
     bad = []
     for metric, (steps, values) in curves.items():
@@ -302,6 +334,10 @@ def _record(run: GoldenRun, golden_dir: Path, device: torch.device | str,
     second = _execute(run, device)
     diff = _first_difference(first, second)
     signatures = list(signatures) or findings_of(run, first)
+    wrong = mechanism_problems(run, first, signatures)
+    if wrong:
+        raise GoldenError(f"run {run.name!r}: refusing to record a golden for a run that does "
+                          "not behave as documented:\n" + "\n".join(wrong))
     if diff:
         raise GoldenError(f"run {run.name!r}: refusing to record a curve that differs between "
                           f"two seeded runs ({diff}); make the run deterministic first")
@@ -464,7 +500,7 @@ def _plot(path: Path, run: str, obtained: Curves, golden: Mapping[str, Any],
 @invariant_check("golden")
 def assert_matches_golden(run: GoldenRun, golden_dir: Path, *, device: torch.device | str = "cpu",
                           output_dir: Path, curves: Curves | None = None,
-                          ci: bool | None = None, world_size: int = 1,
+                          world_size: int = 1,
                           per_rank: Sequence[Curves] | None = None,
                           runs_module: str = DEFAULT_RUNS_MODULE,
                           timeout: float = 120.0) -> Curves:
@@ -477,7 +513,8 @@ def assert_matches_golden(run: GoldenRun, golden_dir: Path, *, device: torch.dev
     without ``run.distributed_exclusions``. Returns rank 0's curves.
 
     Raises:
-      InvariantViolation: a stale golden (config hash changed), a missing golden, or
+      InvariantViolation: a stale golden (config hash changed), a missing golden,
+        a run that does not behave as documented (``mechanism_problems``), or
         curves outside the per-metric tolerance table; the message names the metric,
         step, golden and obtained values, the written ``.obtained.json`` and plot, and
         how to update. At world size >= 2 also: ranks that logged different curves
@@ -520,7 +557,6 @@ def assert_matches_golden(run: GoldenRun, golden_dir: Path, *, device: torch.dev
         curves = _execute(run, device)
     output_dir = Path(output_dir)
     obtained_path = output_dir / f"{run.name}.{key}{suffix}.obtained.json"
-    ci = bool(os.environ.get("CI")) if ci is None else ci
     if not path.exists():
         raise InvariantViolation(
             f"missing golden {path} for run {run.name!r} on device key {key!r}; goldens are "
@@ -552,16 +588,8 @@ def assert_matches_golden(run: GoldenRun, golden_dir: Path, *, device: torch.dev
         problems.append(f"  collapse signatures changed: new {sorted(got - want)}, "
                         f"gone {sorted(want - got)}"
                         + (f" (steps < {horizon})" if horizon is not None else ""))
-    if world_size > 1:   # the run's mechanism must show under data parallelism too
-        shown = {(f["signature"], f["metric"]) for f in found}
-        missing = [pair for pair in run.signatures if tuple(pair) not in shown]
-        if missing:
-            problems.append(f"  the run's documented signatures are missing: {missing}")
-        if run.check is not None:
-            try:
-                run.check(curves)
-            except InvariantViolation as exc:
-                problems.append(f"  the run's own check fails: {exc}")
+    problems += mechanism_problems(run, curves, found)  # also under data parallelism
+    if world_size > 1:
         if horizon is not None and problems:
             problems.append(f"  compared at steps < {horizon} only: {run.distributed_horizon[1]}")
     if problems:

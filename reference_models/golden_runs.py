@@ -184,6 +184,7 @@ def _run(name: str, fn: Callable, config: dict[str, Any], check: Callable, note:
          tolerances: dict | None = None) -> GoldenRun:
     system = name.rsplit("-", 1)[0]
     return GoldenRun(name=name, fn=fn, config=config, check=check, note=note,
+                     kind=name.rsplit("-", 1)[1],
                      signatures=signatures, signature_config=signature_config,
                      tolerances=tolerances or {},
                      distributed_tolerances=DISTRIBUTED_TOLERANCES[system],

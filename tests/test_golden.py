@@ -9,30 +9,17 @@ from dataclasses import replace
 import pytest
 
 from invariants import InvariantViolation
-from invariants._golden import _execute, findings_of
+from invariants._golden import _execute, mechanism_problems
 from reference_models import lora_init
 from reference_models.golden_runs import LORA_KWARGS, RUNS
-
-
-def _assert_signatures(run, curves):
-    """Fixed: no collapse (critical) finding. Broken: its seed's findings are all there."""
-    found = findings_of(run, curves)
-    if run.name.endswith("-fixed"):
-        critical = [f for f in found if f["severity"] == "critical"]
-        assert not critical, (f"{run.name}: the fixed run shows collapse signatures {critical}; "
-                              f"all findings: {found}")
-    missing = [s for s in run.signatures
-               if not any((f["signature"], f["metric"]) == s for f in found)]
-    assert not missing, (f"{run.name}: expected the seed's signatures {missing} but the "
-                         f"detectors found only {found}")
 
 
 @pytest.mark.golden
 @pytest.mark.parametrize("run", RUNS, ids=[r.name for r in RUNS])
 def test_golden_run(run, golden):
+    """Curves and findings match the golden; fixed: no collapse; broken: its seed's signature."""
     curves = golden.check(run)
-    run.check(curves)
-    _assert_signatures(run, curves)
+    assert not mechanism_problems(run, curves)
 
 
 def test_every_system_has_a_fixed_and_a_broken_run():
@@ -41,7 +28,8 @@ def test_every_system_has_a_fixed_and_a_broken_run():
                    "evolving_context"):
         assert {f"{system}-fixed", f"{system}-broken"} <= names, system
     for run in RUNS:
-        if run.name.endswith("-broken"):
+        assert run.kind == run.name.rsplit("-", 1)[1], run.name
+        if run.kind == "broken":
             assert run.signatures or run.check, f"{run.name}: states no mechanism to show"
         twin = next(r for r in RUNS if r.name == run.name.rsplit("-", 1)[0] + "-fixed")
         assert run.signature_config == twin.signature_config, (
@@ -56,8 +44,7 @@ def test_golden_run_cuda(run, golden):
     import torch
     golden.device = torch.device("cuda")
     curves = golden.check(run)
-    run.check(curves)
-    _assert_signatures(run, curves)
+    assert not mechanism_problems(run, curves)
 
 
 @pytest.mark.golden

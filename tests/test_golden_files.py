@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from invariants import (GoldenError, GoldenRun, InvariantViolation, assert_matches_golden,
+from invariants import (GoldenError, GoldenRun, GoldenTolerance, InvariantViolation, assert_matches_golden,
                         device_key, read_golden, record_golden, run_spread, write_json_atomic)
 from invariants._cli import main
 
@@ -87,6 +87,29 @@ def test_refuses_non_finite_curves(tmp_path):
     with pytest.raises(GoldenError, match=r"refusing to record a non-finite curve: loss at step 1"):
         record_golden(run, tmp_path)
     assert not (tmp_path / "nan-run").exists()
+
+
+def _norm_run(kind, peak, signatures=()):
+    values = [0.5, 0.8, peak, peak, peak]
+    return GoldenRun(f"norm-{kind}", lambda s, d: {"lora_norm": (list(range(5)), values)},
+                     {"peak": peak}, kind=kind, signatures=signatures)
+
+
+@pytest.mark.parametrize("run,match", [
+    (_norm_run("fixed", 2.5), r"the fixed run shows collapse signatures: .*lora_norm_kill"),
+    (_norm_run("broken", 0.9, (("lora_norm_kill", "lora_norm"),)),
+     r"documented signatures are missing: \[\('lora_norm_kill', 'lora_norm'\)\]"),
+], ids=["fixed run collapses", "broken run shows nothing"])
+def test_refuses_to_record_a_run_that_does_not_behave_as_documented(tmp_path, run, match):
+    with pytest.raises(GoldenError, match=r"(?s)refusing to record a golden .*" + match):
+        record_golden(run, tmp_path)
+    assert not (tmp_path / run.name).exists()
+
+
+def test_tolerance_table_is_part_of_the_config_hash():
+    run = _quick()
+    looser = replace(run, tolerances={"loss": GoldenTolerance(rtol=1e-3, atol=0.0)})
+    assert looser.config_sha256 != run.config_sha256
 
 
 def test_refuses_curves_that_differ_between_seeded_runs(tmp_path):
