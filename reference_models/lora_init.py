@@ -167,10 +167,11 @@ class TinyAttention(nn.Module):
 class TinyLM(nn.Module):
     def __init__(self, cfg: TinyLMConfig, seed: int = 0):
         super().__init__()
-        torch.manual_seed(seed)
-        self.embed = nn.Embedding(cfg.vocab, cfg.d_model)
-        self.blocks = nn.ModuleList(TinyAttention(cfg.d_model) for _ in range(cfg.n_layers))
-        self.head = nn.Linear(cfg.d_model, cfg.vocab)
+        with torch.random.fork_rng(devices=[]):  # seeded init; the caller's RNG is left alone
+            torch.manual_seed(seed)
+            self.embed = nn.Embedding(cfg.vocab, cfg.d_model)
+            self.blocks = nn.ModuleList(TinyAttention(cfg.d_model) for _ in range(cfg.n_layers))
+            self.head = nn.Linear(cfg.d_model, cfg.vocab)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, V)
         h = self.embed(tokens)
@@ -352,6 +353,13 @@ def finetune_curves(cfg: LoraInitConfig, *, seed: int = 0, pretrain_steps: int =
     HyperLoRA ``lora_norm``, whose thresholds assume a normalised base). Step 0 is before any update, so a
     fixed run shows kl_from_base == 0 there and a broken run does not.
     """
+    with torch.random.fork_rng(devices=[]):  # dropout draws from a seeded, private stream
+        torch.manual_seed(seed)
+        return _finetune(cfg, seed, pretrain_steps, finetune_steps, lr)
+
+
+def _finetune(cfg: LoraInitConfig, seed: int, pretrain_steps: int, finetune_steps: int,
+              lr: float) -> dict[str, tuple[list, list]]:
     lm_cfg = TinyLMConfig()
     gen = torch.Generator().manual_seed(seed)
     base = TinyLM(lm_cfg, seed=seed)
