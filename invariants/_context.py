@@ -380,7 +380,11 @@ def _groups(optimizer_or_groups: Any) -> list[Mapping[str, Any]]:
 
 
 def _params(name: str, params: Iterable[Any]) -> list[torch.Tensor]:
-    out = list(params)
+    try:
+        out = list(params)
+    except TypeError:
+        raise InvalidArgumentError(
+            f"{name}={params!r:.60}: must be an iterable of tensors/parameters") from None
     for i, p in enumerate(out):
         require(isinstance(p, torch.Tensor), f"{name}[{i}]", p, "must be a tensor/parameter")
     return out

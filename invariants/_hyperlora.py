@@ -378,7 +378,11 @@ def assert_gradient_reaches_predictor(predict: Callable[[torch.Tensor], Deltas],
     """
     __tracebackhide__ = True
     require_positive("max_norm", max_norm)
-    params = list(parameters)
+    try:
+        params = list(parameters)
+    except TypeError:
+        raise InvalidArgumentError(
+            f"parameters={parameters!r:.60}: must be an iterable of tensors") from None
     require(len(params) > 0 and all(isinstance(p, torch.Tensor) and p.requires_grad
                                     for p in params), "parameters", params,
             "must be a non-empty iterable of tensors that require grad")
@@ -507,7 +511,11 @@ def assert_param_group_lrs(optimizer: torch.optim.Optimizer,
             "must be a torch.optim.Optimizer")
     require_positive("base_lr", base_lr)
     require_positive("multiplier", multiplier)
-    hyper = {id(p) for p in hyperlora_params}
+    try:
+        hyper = {id(p) for p in hyperlora_params}
+    except TypeError:
+        raise InvalidArgumentError(
+            f"hyperlora_params={hyperlora_params!r:.60}: must be an iterable of tensors") from None
     require(len(hyper) > 0, "hyperlora_params", hyperlora_params, "must name at least one tensor")
     seen: dict[int, int] = {}
     for gi, group in enumerate(optimizer.param_groups):

@@ -71,15 +71,23 @@ def require_patience(patience: Any) -> None:
             "before stopping)")
 
 
+def _finite(value: Any) -> bool:
+    """A real, finite Python number (a 400-digit int is not: it has no float value)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def require_min_delta(min_delta: Any) -> None:
-    require(isinstance(min_delta, (int, float)) and not isinstance(min_delta, bool)
-            and math.isfinite(min_delta) and min_delta >= 0, "min_delta", min_delta,
+    require(_finite(min_delta) and min_delta >= 0, "min_delta", min_delta,
             "must be a finite number >= 0 (the improvement a new best must exceed)")
 
 
 def require_max_norm(max_norm: Any) -> None:
-    require(isinstance(max_norm, (int, float)) and not isinstance(max_norm, bool)
-            and math.isfinite(max_norm) and max_norm > 0, "max_norm", max_norm,
+    require(_finite(max_norm) and max_norm > 0, "max_norm", max_norm,
             "must be a finite number > 0 (the cap on the total gradient norm)")
 
 
@@ -409,6 +417,8 @@ def assert_gradients_clipped(clip: Callable[..., Any], grads: Sequence[torch.Ten
     __tracebackhide__ = True
     require_max_norm(max_norm)
     require(callable(clip), "clip", clip, "must be callable (parameters, max_norm)")
+    require(isinstance(grads, Sequence) and not isinstance(grads, (str, bytes)), "grads", grads,
+            "must be a sequence of gradient tensors")
     require(len(grads) >= 1, "grads", grads, "must hold at least one gradient tensor")
     for i, g in enumerate(grads):
         require_tensor(f"grads[{i}]", g)
@@ -586,7 +596,12 @@ def assert_grokfast_filter_exact(filter_step: Callable[[list[torch.Tensor]], Seq
     require_non_negative("lamb", lamb)
     require(callable(filter_step), "filter_step", filter_step,
             "must be callable list[Tensor] -> list[Tensor]")
+    require(isinstance(grad_steps, Sequence) and not isinstance(grad_steps, (str, bytes)),
+            "grad_steps", grad_steps, "must be a sequence of steps, each a list of tensors")
     require(len(grad_steps) >= 1, "grad_steps", grad_steps, "must hold at least one step")
+    for t, grads in enumerate(grad_steps):
+        require(isinstance(grads, Sequence) and not isinstance(grads, (str, bytes)),
+                f"grad_steps[{t}]", grads, "must be a list of gradient tensors")
     n = len(grad_steps[0])
     require(n >= 1, "grad_steps[0]", grad_steps[0], "must be non-empty (hold at least one tensor)")
     for t, grads in enumerate(grad_steps):

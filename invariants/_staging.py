@@ -42,9 +42,14 @@ __all__ = [
 
 
 # ------------------------------------------------------------------ helpers
+#: Epochs beyond this are refused: S1 runs the model once per epoch before the start.
+MAX_EPOCH = 10 ** 6
+
+
 def _require_epoch(name: str, value: Any) -> None:
     require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name, value,
             "must be an integer epoch >= 0")
+    require(value <= MAX_EPOCH, name, value, f"must be an integer epoch <= {MAX_EPOCH:.0e}")
 
 
 def _call(name: str, fn: Callable[..., Any], epoch: int, inputs: tuple) -> torch.Tensor:
@@ -85,6 +90,12 @@ def _pair(staged: Callable, without: Callable, epoch: int, inputs: tuple
             f"{tuple(y_without.shape)} at epoch={epoch}: the model with and without the module "
             "must map the inputs to the same shape")
     return y_with, y_without
+
+
+def _epoch_list(epochs: Any) -> list:
+    require(isinstance(epochs, (list, tuple, range)), "epochs", epochs,
+            "must be a list of integer epochs")
+    return list(epochs)
 
 
 def _validate(staged: Any, without: Any, inputs: Any, start_epoch: Any) -> tuple:
@@ -134,7 +145,7 @@ def assert_staged_module_identity_before_start(staged: Callable[..., torch.Tenso
     """
     __tracebackhide__ = True
     inputs = _validate(staged, without, inputs, start_epoch)
-    epochs = list(range(start_epoch)) if epochs is None else list(epochs)
+    epochs = list(range(start_epoch)) if epochs is None else _epoch_list(epochs)
     require(len(epochs) > 0, "start_epoch", start_epoch,
             "has no epoch before it; identity-before-start needs start_epoch >= 1")
     for e in epochs:
@@ -171,7 +182,7 @@ def assert_staged_module_active_from_start(staged: Callable[..., torch.Tensor],
     """
     __tracebackhide__ = True
     inputs = _validate(staged, without, inputs, start_epoch)
-    epochs = list(epochs)
+    epochs = _epoch_list(epochs)
     require(len(epochs) > 0, "epochs", epochs, "must name at least one epoch >= start_epoch")
     for e in epochs:
         _require_epoch("epochs[...]", e)
@@ -380,9 +391,10 @@ def assert_stage_schedule_honoured(build: Callable[[Mapping[str, int]], Mapping[
             "must be a non-empty mapping config key -> start epoch")
     for key, value in starts.items():
         _require_epoch(f"starts[{key!r}]", value)
-    require(isinstance(epochs, int) and epochs > max(starts.values()), "epochs", epochs,
+    require(isinstance(epochs, int) and not isinstance(epochs, bool)
+            and max(starts.values()) < epochs <= MAX_EPOCH, "epochs", epochs,
             f"must be an integer > every start epoch ({max(starts.values())}) so the "
-            "module is seen both off and on")
+            f"module is seen both off and on, and <= {MAX_EPOCH:.0e}")
     subjects = build(dict(starts))
     require(isinstance(subjects, Mapping), "build(starts)", subjects,
             "must return a mapping key -> (staged, without)")

@@ -156,6 +156,15 @@ BAD_INPUT = [
         clm.split_train_val, iter([1, 2]), fraction=0.2), r"samples=.*must be a non-empty sequence"),
     ("check_p9_empty_without_available", lambda: assert_sources_balanced([], caps={"a": 1}),
      r"sources=\[\]: must be non-empty unless `available` is given"),
+    ("check_p5_grads_not_sequence", lambda: assert_gradients_clipped(
+        torch.nn.utils.clip_grad_norm_, None, max_norm=1.0), r"grads=None: must be a sequence"),
+    ("check_p5_max_norm_huge_int", lambda: assert_gradients_clipped(
+        torch.nn.utils.clip_grad_norm_, [torch.ones(2)], max_norm=10 ** 400),
+     r"max_norm=1000.*: must be a finite number > 0"),
+    ("check_p3_min_delta_huge_int", lambda: assert_early_stopping_follows_patience(
+        clm.EarlyStopping(), [1.0], patience=3, min_delta=10 ** 400), r"min_delta=1000.*: must be"),
+    ("check_p7_steps_mapping", lambda: assert_grokfast_filter_exact(
+        lambda g: g, {"a": 1}, alpha=0.5, lamb=0.1), r"grad_steps=\{'a': 1\}: must be a sequence"),
     ("check_p9_no_caps", lambda: assert_sources_balanced(["a"], caps={}),
      r"caps=\{\}: must be a non-empty mapping"),
 ]

@@ -128,6 +128,8 @@ BAD_INPUT = [
         "high", *_with_grads(1.0)), r"share='high': must be a number"),
     ("E6-grad-nan", lambda: assert_encoder_grad_share_valid(0.5, *_with_grads(math.nan)),
      r"params\[0\].grad=.*must be finite"),
+    ("E6-params-not-iterable", lambda: assert_encoder_grad_share_valid(
+        0.5, _with_grads(1.0)[0], None), r"params=None: must be an iterable of tensors"),
     ("E6-no-encoder-params", lambda: assert_encoder_grad_share_valid(
         0.5, [], _with_grads(1.0)[1]), r"encoder_params=\[\]: must be non-empty"),
     ("E6-diagnostics-not-a-number", lambda: assert_context_diagnostics_match(

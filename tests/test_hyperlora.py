@@ -407,6 +407,10 @@ BAD_INPUT = [
     ("h4_empty_deltas", lambda: assert_gradient_reaches_predictor(
         lambda c: torch.zeros(c.shape[0], 0, 4, requires_grad=True), [nn.Parameter(torch.ones(1))],
         torch.ones(2, 5)), r"predict\(contexts\).shape=\(2, 0, 4\): must be non-empty"),
+    ("h4_params_not_iterable", lambda: assert_gradient_reaches_predictor(
+        UserHyperNet(), None, torch.ones(1, 5)), r"parameters=None: must be an iterable of tensors"),
+    ("h6_hyper_params_not_iterable", lambda: assert_param_group_lrs(
+        _OptWithLr(0.1), 3.5, base_lr=0.1), r"hyperlora_params=3.5: must be an iterable"),
     ("h5_empty", lambda: assert_lora_decay_term(lambda d: d.sum(), torch.ones(0, 2, 2)),
      r"deltas.shape=\(0, 2, 2\): must be non-empty"),
     ("h6_lr_not_a_number", lambda: assert_param_group_lrs(

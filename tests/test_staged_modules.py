@@ -358,6 +358,16 @@ BAD = [
         _EMA_MODEL, _NOOP, lambda: {"weight": [[0.0, 0.0], [0.0, 0.0]]},
         [{"weight": torch.zeros(2, 2)}], decay=0.5),
      r"read\(\)\['weight'\]=.*must be a torch.Tensor, got list"),
+    ("s1_epochs_not_list", lambda: assert_staged_module_identity_before_start(
+        _M, _W, _X, start_epoch=2, epochs=1), r"epochs=1: must be a list of integer epochs"),
+    ("s2_epochs_none", lambda: assert_staged_module_active_from_start(
+        _M, _W, _X, start_epoch=2, epochs=None), r"epochs=None: must be a list of integer epochs"),
+    ("s1_start_huge", lambda: assert_staged_module_identity_before_start(
+        _M, _W, _X, start_epoch=10 ** 20), r"start_epoch=100000000000000000000: must be an integer "
+                                           r"epoch <= 1e\+06"),
+    ("s6_epochs_huge", lambda: assert_stage_schedule_honoured(
+        lambda s: {"k": (_M, _W)}, {"k": 1}, _X, epochs=10 ** 400),
+     r"epochs=1000.*: must be an integer > every start epoch \(1\) .* <= 1e\+06"),
     ("s6_empty_input", lambda: assert_stage_schedule_honoured(
         lambda s: {"k": (_M, _W)}, {"k": 1}, torch.ones(0, 5), epochs=3),
      r"staged\(epoch=0, \*inputs\).shape=\(0, 2\): must be non-empty"),
