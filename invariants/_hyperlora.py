@@ -313,8 +313,10 @@ def assert_clamp_preserves_direction(clamp: Callable[[torch.Tensor, float], torc
     (each element is rounded once or twice) and ``c_i <= 1 + 4·eps(dtype)``.
 
     Raises:
-      InvariantViolation: naming the matrix with the worst residual or c.
-      InvalidArgumentError: non-finite deltas, τ <= 0, output of another shape.
+      InvariantViolation: naming the matrix with the worst residual or c; a
+        matrix with a non-finite output element always fails and is named first.
+      InvalidArgumentError: non-finite or empty deltas, τ <= 0, output of
+        another shape, a clamp that cannot be called as ``clamp(deltas, τ)``.
     """
     __tracebackhide__ = True
     _require_delta("deltas", deltas)

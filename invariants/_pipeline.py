@@ -410,9 +410,10 @@ def assert_gradients_clipped(clip: Callable[..., Any], grads: Sequence[torch.Ten
       ``max_norm / (total + 1e-6)``, so just below the cap it already shrinks.
 
     Raises:
-      InvariantViolation: naming which of the three failed, with norms.
+      InvariantViolation: naming which of the three failed, with norms; a
+        non-finite gradient element after clipping always fails (first one named).
       InvalidArgumentError: for max_norm <= 0, an empty or non-finite gradient set,
-        or mixed dtypes.
+        an empty gradient tensor, or mixed dtypes.
     """
     __tracebackhide__ = True
     require_max_norm(max_norm)

@@ -176,7 +176,8 @@ def assert_staged_module_active_from_start(staged: Callable[..., torch.Tensor],
 
     Raises:
       InvariantViolation: at the first epoch where the output with the module
-        equals the output without it (within tolerance).
+        equals the output without it (within tolerance), or is non-finite (NaN
+        differs from everything, so it would otherwise read as "active").
       InvalidArgumentError: for an empty ``epochs``, an epoch before the start,
         a negative start, a non-callable, non-finite inputs, differing shapes.
     """

@@ -268,7 +268,7 @@ def test_argument_layouts_never_exceed_depth_or_use_kwargs_when_told():
         return 1 + max((depth(v) for v in spec.values()), default=0) \
             if isinstance(spec, dict) else 0
 
-    @settings(max_examples=100, database=None)
+    @settings(database=None)  # max_examples from the profile (ci 100, thorough 1000)
     @given(argument_layouts(max_depth=1, allow_kwargs=False, allow_none=False))
     def prop(layout):
         assert layout.as_kwargs == () and layout.h is not None and layout.deltas is not None
