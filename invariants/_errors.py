@@ -45,14 +45,22 @@ def require(condition: bool, name: str, value: Any, problem: str) -> None:
         raise InvalidArgumentError(f"{name}={_short(value)}: {problem}")
 
 
+def _finite_number(value: Any) -> bool:
+    """A real int or float that fits a float and is finite (bool is not a number here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float, e.g. 10**400
+        return False
+
+
 def require_positive(name: str, value: float) -> None:
-    require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
-            name, value, "must be a finite number > 0")
+    require(_finite_number(value) and value > 0, name, value, "must be a finite number > 0")
 
 
 def require_non_negative(name: str, value: float) -> None:
-    require(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
-            name, value, "must be a finite number >= 0")
+    require(_finite_number(value) and value >= 0, name, value, "must be a finite number >= 0")
 
 
 def require_in_unit_interval(name: str, value: float) -> None:
