@@ -36,8 +36,9 @@ def run() -> list[Result]:
                                    "-p", "no:cacheprovider", "--durations=10"])
     seq, _, rc_seq = _timed([sys.executable, "-m", "pytest", "-n", "0", "-q",
                              "-p", "no:cacheprovider"])
+    failed = re.findall(r"^FAILED (\S+)", out_par, re.M)
     results.append(under("pytest -n auto, whole default suite", par, "s", 180.0,
-                         "goal 120 s" + ("" if rc_par == 0 else f"; exit {rc_par}")))
+                         "goal 120 s" + ("" if rc_par == 0 else f"; exit {rc_par}: {failed[:3]}")))
     results.append(under("pytest -n 0, whole default suite", seq, "s", None,
                          "" if rc_seq == 0 else f"exit {rc_seq}"))
     results.append(under("speed-up -n auto over -n 0", seq / par, "x", None))
