@@ -43,7 +43,7 @@ def _stepper(cfg):
     return step
 
 
-def _interleaved(fns, rounds=7, number=10):
+def _interleaved(fns, rounds=15, number=10):
     best = [float("inf")] * len(fns)
     for _ in range(rounds):
         for i, fn in enumerate(fns):
