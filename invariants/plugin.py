@@ -9,8 +9,11 @@ Unless ``--hypothesis-profile`` is given, the profile comes from
 from __future__ import annotations
 
 import random
+import signal
 
 import pytest
+
+DISTRIBUTED_TIMEOUT_S = 30.0
 
 GROUP = "invariants"
 OPT_GOLDEN_UPDATE = "--golden-update"
@@ -22,7 +25,8 @@ MARKERS = {
     "golden": "a short deterministic training run compared with its stored golden curve",
     "slow": "takes more than a few seconds",
     "gpu": "needs CUDA; skipped cleanly when torch.cuda.is_available() is False",
-    "distributed": "spawns a torch.distributed (gloo) process group on loopback",
+    "distributed": "spawns a torch.distributed (gloo) process group on loopback; fails after "
+                   "distributed(timeout=S) seconds (default 30) instead of hanging",
 }
 
 
@@ -117,3 +121,30 @@ def golden(request: pytest.FixtureRequest, device) -> GoldenSession:
     golden_dir = Path(config.getoption(OPT_GOLDEN_DIR) or config.rootpath / "golden")
     output = Path(config.getoption(OPT_GOLDEN_OUTPUT) or config.rootpath / "golden-obtained")
     return GoldenSession(golden_dir, output, device, config.getoption(OPT_GOLDEN_UPDATE))
+
+
+@pytest.fixture(autouse=True)
+def _distributed_time_limit(request: pytest.FixtureRequest):
+    """Tests marked ``distributed`` fail after ``timeout`` seconds instead of hanging.
+
+    A rank waiting in a collective that another rank never reaches blocks forever; the
+    alarm turns that into a ``TimeoutError`` in the test (spawn_group then reaps the
+    ranks). ``@pytest.mark.distributed(timeout=60)`` changes the limit. Main thread on
+    POSIX only (SIGALRM); elsewhere the marker's limit is not enforced here.
+    """
+    marker = request.node.get_closest_marker("distributed")
+    if marker is None or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+    limit = float(marker.kwargs.get("timeout", DISTRIBUTED_TIMEOUT_S))
+
+    def expire(signum, frame):
+        raise TimeoutError(f"{request.node.nodeid}: distributed test exceeded {limit:g}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

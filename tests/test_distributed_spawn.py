@@ -17,7 +17,6 @@ from invariants import (CollapseGuard, InvalidArgumentError, InvariantViolation,
                         spawn_group, sum_reduction_scale)
 from reference_models import ddp_cases
 
-from tests.test_distributed import _thirty_second_limit  # noqa: F401  (autouse, 30 s)
 
 pytestmark = pytest.mark.distributed
 

@@ -85,3 +85,21 @@ def test_seeded_rngs_fixture_is_deterministic(pytester):
             assert torch.equal(draws[0], draws[1])
     """)
     pytester.runpytest_inprocess().assert_outcomes(passed=2)
+
+
+def test_distributed_marker_turns_a_hang_into_a_failure(pytester):
+    pytester.makepyfile("""
+        import time
+        import pytest
+
+        @pytest.mark.distributed(timeout=0.5)
+        def test_hangs():
+            time.sleep(5)
+
+        @pytest.mark.distributed
+        def test_quick():
+            assert sum([1, 1]) == 2
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*TimeoutError*test_hangs: distributed test exceeded 0.5s*"])
