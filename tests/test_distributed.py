@@ -25,7 +25,6 @@ from reference_models import ddp_cases
 
 pytestmark = pytest.mark.distributed
 
-TEST_TIMEOUT_S = 30  # enforced by the plugin for every `distributed` test (SIGALRM)
 GROUP_TIMEOUT_S = 25
 SYSTEMS = ("lora_init", "hyperlora", "staged_modules", "curriculum_lm", "evolving_context")
 

@@ -37,7 +37,6 @@ from reference_models.golden_runs import DISTRIBUTED_HORIZONS, RUNS
 pytestmark = [pytest.mark.distributed, pytest.mark.golden]
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
-TEST_TIMEOUT_S = 30  # enforced by the plugin for every `distributed` test (SIGALRM)
 GROUP_TIMEOUT_S = 27
 BY_NAME = {r.name: r for r in RUNS}
 SYSTEMS = ("hyperlora", "staged_modules", "curriculum_lm", "lora_init", "evolving_context")
