@@ -494,3 +494,20 @@ def test_fixed_and_pre_fix_runs_show_the_seed_signatures():
     assert max(fixed["z_e_step_change"]) < 0.5 < min(pre["z_e_step_change"])
     assert max(fixed["z_e_step_change_pct"]) < 0.2 < min(pre["z_e_step_change_pct"])
     assert fixed["accuracy"][-1] == 1.0
+
+
+def test_e1_bfloat16_raw_update_in_the_steps_own_autograd_mode():
+    """Found by the `thorough` profile: with grad enabled torch picks other bfloat16 kernels
+    than under no_grad, so a raw update recomputed under no_grad differed from the one the
+    step used (|diff| ~1e-3 on an element near 0 after cancellation) and E1 failed on the
+    FIXED encoder at beta=0. The check now recomputes z_raw in the step's own mode."""
+    from dataclasses import replace as _replace
+    from invariants import ContextSpec, assert_context_update_smoothed
+    from reference_models import evolving_context as ec
+    enc = ec._encoder(ec.FIXED, torch.bfloat16)
+    enc.cfg = _replace(ec.FIXED, d_model=ec._WIDTH, ema_decay=0.0)
+    z = ContextSpec((1, 1, 8), torch.bfloat16, "constant_rows", scale=1.0, seed=1,
+                    noncontiguous=True).tensor()
+    demos = ContextSpec((1, 2, 8), torch.float64, "gaussian", scale=10.0, seed=1).tensor()
+    assert_context_update_smoothed(enc.carry_step, enc.raw_step, z, demos.to(torch.bfloat16),
+                                   ema_decay=0.0)
