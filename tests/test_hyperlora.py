@@ -439,3 +439,16 @@ BAD_INPUT = [
 def test_bad_input(call, match):
     with pytest.raises(InvalidArgumentError, match=match):
         call()
+
+
+@pytest.mark.parametrize("delta", [
+    torch.tensor([[[3.9311e-305]]], dtype=torch.float64),      # squares underflow in float64
+    torch.tensor([[[1.1755e-38]]], dtype=torch.bfloat16),      # 2·λ·ΔW underflows in bfloat16
+], ids=["float64 3.9e-305", "bfloat16 smallest normal"])
+def test_thorough_profile_finds_at_tiny_magnitudes(delta):
+    """Found by the `thorough` profile on the FIXED variant: the checks themselves underflowed
+    (H3 read a 3.9e-305 matrix as zero; H5's gradient step vanished in bfloat16)."""
+    from invariants import assert_clamp_preserves_direction, assert_lora_decay_term, clamp_frobenius
+    from reference_models import hyperlora as ref
+    assert_clamp_preserves_direction(clamp_frobenius, delta, max_norm=1.0)
+    assert_lora_decay_term(lambda d: ref.lora_decay_term(d, 0.001), delta, weight=0.001)
