@@ -336,6 +336,6 @@ first critical: divergence on loss at epoch 41
      41  critical  lora_norm           lora_norm=1.714 > 1.5 (critical threshold, seed 000)
      41  critical  nan_batches         nan_batches=60 > 50 (abort above 50 per epoch, seed 000)
      41  warning   loss_jump           loss jumped from 0.05 to 0.182, more than 2x the previous point
-     42  warning   accuracy_drop       accuracy 0.866 is more than 7.10956% below its best 0.96 (seed 000: > 5% drop; raised to the series' noise where larger)
+     42  warning   accuracy_drop       accuracy 0.866 is more than 9.05659% below its best 0.96 (seed 000: > 5% drop; raised to the series' noise where larger)
      44  critical  entropy_spike       entropy=2.134 > 2 after having been healthy (< 0.5) (collapse, seed 000)
      50  critical  attention_collapse  attention_sharpness=0.03 < 0.1 after having been healthy (> 0.5) (collapse, seed 000)""")

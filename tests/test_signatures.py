@@ -333,6 +333,7 @@ def test_sparse_every_10_steps_divergence():
 @example(seed=1, noise=0.03, shape=(1500, 1, False))
 @example(seed=415, noise=0.02, shape=(1500, 1, False))  # noise underestimated from 15 pairs
 @example(seed=23392, noise=0.03, shape=(400, 37, True))  # outlier best-so-far, raw regime
+@example(seed=174, noise=0.01, shape=(1500, 1, False))  # thorough: low nu from 30 pairs
 def test_healthy_runs_come_out_healthy(seed, noise, shape):
     n, every, irregular = shape
     s = healthy_run(seed, noise, n, every, irregular)
