@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 
 from invariants import Finding, StreamingScanner, scan_series, verdict_of
-from invariants._golden import _execute
+from invariants._golden import execute_memoized
 from invariants._signatures import CANONICAL_METRICS
 from reference_models.golden_runs import RUNS
 from tests.test_signatures_logs import records_of
@@ -64,7 +64,7 @@ def scanned():
     def get(name: str):
         if name not in cache:
             run = _BY_NAME[name]
-            curves = _execute(run, "cpu")
+            curves = execute_memoized(run, "cpu")
             series = {m: c for m, c in curves.items() if m in CANONICAL_METRICS}
             cache[name] = (series, scan_series(series, run.signature_config))
         return cache[name]
