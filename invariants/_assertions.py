@@ -13,7 +13,8 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from invariants._errors import InvariantViolation, require_same_shape
+from invariants._errors import InvariantViolation
+from invariants._validate import require_same_shape
 from invariants._tolerances import Tolerance
 
 __all__: list[str] = []

@@ -30,7 +30,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 from invariants._assertions import compare_tensors, fail, invariant_check
-from invariants._errors import InvalidArgumentError, require, require_finite
+from invariants._errors import InvalidArgumentError
+from invariants._validate import require, require_finite
 from invariants._tolerances import tolerance_for
 
 __all__ = [

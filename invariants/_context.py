@@ -29,9 +29,9 @@ import torch
 from hypothesis import strategies as st
 
 from invariants._assertions import compare_tensors, fail, invariant_check
-from invariants._errors import (InvalidArgumentError, require, require_finite,
-                                require_in_unit_interval, require_non_negative,
-                                require_positive, require_tensor)
+from invariants._errors import InvalidArgumentError
+from invariants._validate import (require, require_finite, require_in_unit_interval,
+                                  require_non_negative, require_positive, require_tensor)
 from invariants._strategies import _as_strategy
 from invariants._tolerances import tolerance_for
 

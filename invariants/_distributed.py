@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 
 from invariants._assertions import compare_tensors, fail, invariant_check
-from invariants._errors import InvalidArgumentError, require, require_positive
+from invariants._errors import InvalidArgumentError
+from invariants._validate import require, require_positive
 from invariants._tolerances import tolerance_for
 
 __all__ = [

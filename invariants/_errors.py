@@ -1,4 +1,4 @@
-"""The two exception types of the harness.
+"""Owns the two exception types of the harness (argument checks live in ``_validate``).
 
 ``InvariantViolation`` means the subject under test broke a documented
 invariant.  ``InvalidArgumentError`` means the *caller* passed something the
@@ -6,11 +6,6 @@ check cannot judge (NaN where finite values are required, a negative tolerance,
 mismatched shapes); it always echoes ``name=value`` so the fix is obvious.
 """
 from __future__ import annotations
-
-import math
-from typing import Any
-
-import torch
 
 __all__ = ["InvalidArgumentError", "InvariantViolation"]
 
@@ -29,74 +24,3 @@ class InvariantViolation(AssertionError):
 
 class InvalidArgumentError(ValueError):
     """The arguments given to a check, strategy or tool are invalid."""
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    if isinstance(value, torch.Tensor):
-        text = f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
-    else:
-        text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def require(condition: bool, name: str, value: Any, problem: str) -> None:
-    """Raise ``InvalidArgumentError("name=value: problem")`` unless ``condition``."""
-    if not condition:
-        raise InvalidArgumentError(f"{name}={_short(value)}: {problem}")
-
-
-def _finite_number(value: Any) -> bool:
-    """A real int or float that fits a float and is finite (bool is not a number here)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int too large for a float, e.g. 10**400
-        return False
-
-
-def require_positive(name: str, value: float) -> None:
-    require(_finite_number(value) and value > 0, name, value, "must be a finite number > 0")
-
-
-def require_non_negative(name: str, value: float) -> None:
-    require(_finite_number(value) and value >= 0, name, value, "must be a finite number >= 0")
-
-
-def require_in_unit_interval(name: str, value: float) -> None:
-    require(isinstance(value, (int, float)) and 0.0 <= value <= 1.0,
-            name, value, "must lie in [0, 1]")
-
-
-def require_tensor(name: str, value: Any) -> None:
-    require(isinstance(value, torch.Tensor), name, value,
-            f"must be a torch.Tensor, got {type(value).__name__}")
-
-
-def require_finite(name: str, tensor: torch.Tensor) -> None:
-    """Raise unless every element of ``tensor`` is finite, naming the first bad one."""
-    require_tensor(name, tensor)
-    if tensor.is_floating_point() or tensor.is_complex():
-        bad = ~torch.isfinite(tensor)
-        if bool(bad.any()):
-            index = tuple(int(i) for i in torch.nonzero(bad)[0])
-            raise InvalidArgumentError(
-                f"{name}={_short(tensor)}: must be finite, but {int(bad.sum())} of "
-                f"{tensor.numel()} elements are not (first at index {index}: "
-                f"{tensor[index].item()}); this invariant is stated for finite inputs only")
-
-
-def require_nonempty(name: str, tensor: torch.Tensor) -> None:
-    """Raise unless ``tensor`` has at least one element: an empty input checks nothing."""
-    require_tensor(name, tensor)
-    if tensor.numel() == 0:
-        raise InvalidArgumentError(
-            f"{name}.shape={tuple(tensor.shape)}: must be non-empty (an empty input would make "
-            "the check pass without checking anything)")
-
-
-def require_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
-    if tuple(a.shape) != tuple(b.shape):
-        raise InvalidArgumentError(
-            f"{name_a}.shape={tuple(a.shape)} and {name_b}.shape={tuple(b.shape)}: "
-            "shapes must match")

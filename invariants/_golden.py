@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from invariants._assertions import invariant_check
-from invariants._errors import InvalidArgumentError, InvariantViolation, require
+from invariants._errors import InvalidArgumentError, InvariantViolation
+from invariants._validate import require
 
 __all__ = [
     "GoldenError",

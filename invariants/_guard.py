@@ -19,7 +19,8 @@ from __future__ import annotations
 import warnings
 from typing import Any, Mapping
 
-from invariants._errors import InvalidArgumentError, require
+from invariants._errors import InvalidArgumentError
+from invariants._validate import require
 from invariants._signatures import (CANONICAL_METRICS, Finding, SignatureConfig, StreamingScanner,
                                     verdict_of)
 

@@ -28,8 +28,9 @@ import torch
 from hypothesis import strategies as st
 
 from invariants._assertions import fail, invariant_check
-from invariants._errors import (InvalidArgumentError, require, require_finite,
-                                require_non_negative, require_positive, require_tensor)
+from invariants._errors import InvalidArgumentError
+from invariants._validate import (unravel, require, require_finite, require_non_negative,
+                                  require_positive, require_tensor)
 from invariants._strategies import _as_strategy, float_tensors, values_around
 from invariants._tolerances import tolerance_for
 
@@ -92,11 +93,6 @@ def _as_items(name: str, deltas: Deltas) -> list[tuple[str, torch.Tensor]]:
 def _where(key: str, index: tuple[int, ...]) -> str:
     return f"{key}{list(index)}" if key else f"sample {list(index)}"
 
-
-def _unravel(flat: int, shape: Sequence[int]) -> tuple[int, ...]:
-    if not shape:
-        return ()
-    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(shape)))
 
 
 def frobenius_norms(delta: torch.Tensor) -> torch.Tensor:
@@ -205,7 +201,7 @@ def assert_delta_norms_bounded(deltas: Deltas, *, max_norm: float = 1.0,
         n_bad += int((excess > 0).sum())
         if norms.numel() and float(excess.max()) > 0:
             flat = int(torch.argmax(excess))
-            index = _unravel(flat, norms.shape)
+            index = unravel(flat, norms.shape)
             value = float(norms.reshape(-1)[flat])
             if worst is None or float(excess.max()) > worst[0]:
                 worst = (float(excess.max()), key, index, value, delta.dtype)
@@ -268,7 +264,7 @@ def assert_clamp_identity_below_cap(clamp: Callable[[torch.Tensor, float], torch
     changed = (out.detach() != deltas).flatten(-2).any(-1) & below
     if bool(changed.any()):
         flat = int(torch.nonzero(changed.reshape(-1))[0])
-        index = _unravel(flat, norms.shape)
+        index = unravel(flat, norms.shape)
         after = float(frobenius_norms(out).reshape(-1)[flat])
         diff = (out.detach().double() - deltas.double()).abs()[index].max()
         fail(f"the clamp to be the identity for ‖ΔW_i‖F <= max_norm={max_norm:g}",
@@ -350,7 +346,7 @@ def assert_clamp_preserves_direction(clamp: Callable[[torch.Tensor, float], torc
         score = torch.where(nonfinite, torch.full_like(resid, math.inf),
                             ratio + bad_c.double())
         flat = int(torch.argmax(score.reshape(-1)))
-        index = _unravel(flat, dd.shape)
+        index = unravel(flat, dd.shape)
         u = float(unit.reshape(-1)[flat])
         r, a = float(resid.reshape(-1)[flat]) * u, float(allowed.reshape(-1)[flat]) * u
         cc = float(c.reshape(-1)[flat])

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from invariants._assertions import compare_tensors, fail, invariant_check
-from invariants._errors import (InvalidArgumentError, require, require_finite,
-                                require_non_negative, require_nonempty, require_positive,
-                                require_tensor)
+from invariants._errors import InvalidArgumentError
+from invariants._validate import (require, require_finite, require_non_negative,
+                                  require_nonempty, require_positive, require_tensor)
 from invariants._tolerances import tolerance_for
 
 __all__ = [

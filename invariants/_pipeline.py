@@ -36,8 +36,9 @@ import torch
 from hypothesis import strategies as st
 
 from invariants._assertions import compare_tensors, fail, invariant_check
-from invariants._errors import (InvalidArgumentError, require, require_non_negative,
-                                require_positive, require_tensor)
+from invariants._errors import InvalidArgumentError
+from invariants._validate import (finite_number, require, require_non_negative, require_positive,
+                                  require_tensor, unravel)
 from invariants._strategies import _as_strategy, values_around
 from invariants._tolerances import tolerance_for
 
@@ -71,30 +72,15 @@ def require_patience(patience: Any) -> None:
             "before stopping)")
 
 
-def _finite(value: Any) -> bool:
-    """A real, finite Python number (a 400-digit int is not: it has no float value)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
 def require_min_delta(min_delta: Any) -> None:
-    require(_finite(min_delta) and min_delta >= 0, "min_delta", min_delta,
+    require(finite_number(min_delta) and min_delta >= 0, "min_delta", min_delta,
             "must be a finite number >= 0 (the improvement a new best must exceed)")
 
 
 def require_max_norm(max_norm: Any) -> None:
-    require(_finite(max_norm) and max_norm > 0, "max_norm", max_norm,
+    require(finite_number(max_norm) and max_norm > 0, "max_norm", max_norm,
             "must be a finite number > 0 (the cap on the total gradient norm)")
 
-
-def _unravel(flat: int, shape: Sequence[int]) -> tuple[int, ...]:
-    if not shape:
-        return ()
-    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(shape)))
 
 
 def _losses(name: str, values: Any) -> list[float]:
@@ -445,7 +431,7 @@ def assert_gradients_clipped(clip: Callable[..., Any], grads: Sequence[torch.Ten
         flat = int(torch.nonzero(nonfinite)[0])
         i = next(k for k in range(len(sizes)) if flat < sum(sizes[:k + 1]))
         local = flat - sum(sizes[:i])
-        index = _unravel(local, params[i].grad.shape)
+        index = unravel(local, params[i].grad.shape)
         fail(f"finite gradients after clipping to max_norm={max_norm:g}",
              f"{int(nonfinite.sum())} of {after.numel()} elements are non-finite; first "
              f"grads[{i}]{list(index)} = {float(params[i].grad[index])!r} (was "

@@ -34,7 +34,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from hypothesis import strategies as st
 
-from invariants._errors import InvalidArgumentError, require
+from invariants._errors import InvalidArgumentError
+from invariants._validate import require
 
 __all__ = [
     "CANONICAL_METRICS",

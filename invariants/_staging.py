@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from invariants._assertions import compare_tensors, fail, invariant_check
-from invariants._errors import (InvalidArgumentError, require, require_finite,
-                                require_in_unit_interval, require_tensor)
+from invariants._errors import InvalidArgumentError
+from invariants._validate import require, require_finite, require_in_unit_interval, require_tensor
 from invariants._tolerances import tolerance_for
 
 __all__ = [

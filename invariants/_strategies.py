@@ -17,7 +17,8 @@ import torch
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from invariants._errors import InvalidArgumentError, require
+from invariants._errors import InvalidArgumentError
+from invariants._validate import require
 
 __all__ = ["LoraConfig", "dtypes", "float_tensors", "lora_configs", "values_around"]
 

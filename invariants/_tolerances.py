@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from invariants._errors import InvalidArgumentError, require_non_negative
+from invariants._errors import InvalidArgumentError
+from invariants._validate import require_non_negative
 
 __all__ = ["TOLERANCES", "Tolerance", "tolerance_for"]
 

@@ -41,7 +41,7 @@ from invariants import (one_thread, Case, LRScheduleConfig, assert_best_checkpoi
                         assert_validation_split_sound, gradient_sets, lr_schedule_configs,
                         split_sizes, val_loss_sequences)
 from invariants._distributed import agree_across_ranks, ddp_token_mean
-from invariants._errors import require
+from invariants._validate import require
 from invariants._pipeline import require_max_norm, require_min_delta, require_patience
 from reference_models import data_parallel
 

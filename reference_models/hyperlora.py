@@ -35,7 +35,8 @@ from invariants import (one_thread, Case, NormGovernor, assert_clamp_identity_be
                         clamp_frobenius, frobenius_norms, hyperlora_contexts, lora_norm_series,
                         values_around, weight_deltas)
 from invariants._distributed import agree_across_ranks, sum_reduction_scale
-from invariants._errors import InvalidArgumentError, require, require_finite
+from invariants._errors import InvalidArgumentError
+from invariants._validate import require, require_finite
 from reference_models import data_parallel
 
 SYSTEM = "hyperlora"
