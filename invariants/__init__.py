@@ -1,31 +1,304 @@
 """invariants — property-based checks that training-stability fixes still hold.
 
-Import everything from here; the underscored modules are private. Each family
-module declares its public names in ``__all__``; this file re-exports exactly
-those, and ``__all__`` below is their sorted union (a test keeps it so).
+Import the public names from here. Every name is listed explicitly below, one per line, with
+the module that owns it; the underscored modules are private. The machinery behind golden runs,
+distributed checks and collapse signatures lives in the public subpackages
+``invariants.golden``, ``invariants.distributed`` and ``invariants.signatures``; the fixes users
+put in their training code in ``invariants.fixes``; argument checks in ``invariants.validation``.
+docs/architecture.md is the map.
 """
 from invariants import _profiles  # noqa: F401  (registers the ci/dev/thorough profiles)
-from invariants._catalog import *  # noqa: F401,F403
-from invariants._checkpoint import *  # noqa: F401,F403
-from invariants._context import *  # noqa: F401,F403
-from invariants._distributed import *  # noqa: F401,F403
-from invariants._errors import *  # noqa: F401,F403
-from invariants._golden import *  # noqa: F401,F403
-from invariants._guard import *  # noqa: F401,F403
-from invariants._hyperlora import *  # noqa: F401,F403
-from invariants._lora import *  # noqa: F401,F403
-from invariants._pipeline import *  # noqa: F401,F403
-from invariants._profiles import *  # noqa: F401,F403
-from invariants._scan import *  # noqa: F401,F403
-from invariants._signatures import *  # noqa: F401,F403
-from invariants._staging import *  # noqa: F401,F403
-from invariants._strategies import *  # noqa: F401,F403
-from invariants._tolerances import *  # noqa: F401,F403
-
-from invariants import (  # noqa: E402
-    _catalog, _checkpoint, _context, _distributed, _errors, _golden, _guard, _hyperlora, _lora, _pipeline, _profiles, _scan, _signatures, _staging, _strategies, _tolerances,
+from invariants._catalog import (
+    Case,
+    Outcome,
+    load_catalog,
+    run_case,
+)
+from invariants._checkpoint import (
+    ArgumentLayout,
+    argument_layouts,
+    assert_checkpoint_gradient_equivalent,
+)
+from invariants._context_checks import (
+    PCT_UNDEFINED_BELOW,
+    assert_context_rows_normalized,
+    assert_context_update_smoothed,
+    assert_query_gradient_blocked,
+    assert_residual_scaled,
+)
+from invariants._context_strategies import (
+    ContextSpec,
+    context_specs,
+    contexts,
+    lr_scales,
+    unit_fractions,
+)
+from invariants._context_training import (
+    assert_context_diagnostics_match,
+    assert_encoder_frozen_by_zero_lr,
+    assert_encoder_grad_share_valid,
+    assert_encoder_lr_scaled,
+    context_diagnostics_reference,
+    encoder_grad_share_reference,
+)
+from invariants._determinism import (
+    deterministic,
+    num_threads,
+    one_thread,
+    seeded,
+)
+from invariants._errors import (
+    InvalidArgumentError,
+    InvariantViolation,
+)
+from invariants._hyperlora_checks import (
+    assert_clamp_identity_below_cap,
+    assert_clamp_preserves_direction,
+    assert_delta_norms_bounded,
+    assert_gradient_reaches_predictor,
+    assert_predictor_deltas_bounded,
+)
+from invariants._hyperlora_strategies import (
+    hyperlora_contexts,
+    lora_norm_series,
+    weight_deltas,
+)
+from invariants._hyperlora_training import (
+    assert_lora_decay_term,
+    assert_norm_governor_acts,
+    assert_param_group_lrs,
+)
+from invariants._lora import (
+    assert_adapter_contribution_negligible,
+    assert_adapter_delta_within_bound,
+    assert_adapter_gradients_flow_at_init,
+    assert_adapter_identity_at_init,
+    assert_adapter_kl_zero,
+    assert_merge_roundtrip,
+    assert_scale_schedule_progressive,
+)
+from invariants._pipeline_checks import (
+    assert_best_checkpoint_tracks_minimum,
+    assert_curriculum_progresses,
+    assert_early_stopping_follows_patience,
+    assert_gradients_clipped,
+    assert_stage_boundary_keeps_optimizer_state,
+    expected_early_stop,
+)
+from invariants._pipeline_data import (
+    assert_sources_balanced,
+    assert_validation_split_sound,
+)
+from invariants._pipeline_schedules import (
+    assert_grokfast_filter_exact,
+    assert_lr_schedule_warmup_cosine,
+)
+from invariants._pipeline_strategies import (
+    LRScheduleConfig,
+    gradient_sets,
+    lr_schedule_configs,
+    split_sizes,
+    val_loss_sequences,
+)
+from invariants._profiles import (
+    PROFILES,
+    load_profile,
+)
+from invariants._staging import (
+    assert_film_identity_at_init,
+    assert_stage_schedule_honoured,
+    assert_staged_module_active_from_start,
+    assert_staged_module_identity_before_start,
+    assert_weight_ema_tracks_weights,
+    start_epochs,
+    weight_histories,
+)
+from invariants._strategies import (
+    LoraConfig,
+    dtypes,
+    float_tensors,
+    lora_configs,
+    values_around,
+)
+from invariants._tolerances import (
+    TOLERANCES,
+    Tolerance,
+    tolerance_for,
+)
+from invariants.distributed import (
+    RankConsistentGuard,
+    StepSpec,
+    agree_across_ranks,
+    assert_ddp_step_equivalent,
+    assert_ranks_agree,
+    ddp_equivalence,
+    ddp_equivalences,
+    ddp_token_mean,
+    spawn_group,
+    sum_reduction_scale,
+)
+from invariants.fixes import (
+    GOVERNOR_LEVELS,
+    GovernorDecision,
+    NormGovernor,
+    clamp_frobenius,
+    frobenius_norms,
+)
+from invariants.golden import (
+    GoldenError,
+    GoldenRun,
+    GoldenTolerance,
+    assert_matches_golden,
+    compare_curves,
+    device_key,
+    read_golden,
+    record_golden,
+)
+from invariants.signatures import (
+    CANONICAL_METRICS,
+    CollapseDetected,
+    CollapseGuard,
+    CollapseWarning,
+    Finding,
+    LogData,
+    SIGNATURES,
+    SampleStatistics,
+    SignatureConfig,
+    StreamingScanner,
+    VectorisedScanner,
+    metric_series,
+    read_log,
+    render_report,
+    sample_statistics,
+    scan_file,
+    scan_records,
+    scan_series,
+    verdict_of,
+    write_plot,
 )
 
-_FAMILIES = (_catalog, _checkpoint, _context, _distributed, _errors, _golden, _guard, _hyperlora, _lora, _pipeline, _profiles, _scan, _signatures, _staging, _strategies, _tolerances)
-__all__ = sorted({name for family in _FAMILIES for name in family.__all__})
+__all__ = [
+    "ArgumentLayout",
+    "CANONICAL_METRICS",
+    "Case",
+    "CollapseDetected",
+    "CollapseGuard",
+    "CollapseWarning",
+    "ContextSpec",
+    "Finding",
+    "GOVERNOR_LEVELS",
+    "GoldenError",
+    "GoldenRun",
+    "GoldenTolerance",
+    "GovernorDecision",
+    "InvalidArgumentError",
+    "InvariantViolation",
+    "LRScheduleConfig",
+    "LogData",
+    "LoraConfig",
+    "NormGovernor",
+    "Outcome",
+    "PCT_UNDEFINED_BELOW",
+    "PROFILES",
+    "RankConsistentGuard",
+    "SIGNATURES",
+    "SampleStatistics",
+    "SignatureConfig",
+    "StepSpec",
+    "StreamingScanner",
+    "TOLERANCES",
+    "Tolerance",
+    "VectorisedScanner",
+    "agree_across_ranks",
+    "argument_layouts",
+    "assert_adapter_contribution_negligible",
+    "assert_adapter_delta_within_bound",
+    "assert_adapter_gradients_flow_at_init",
+    "assert_adapter_identity_at_init",
+    "assert_adapter_kl_zero",
+    "assert_best_checkpoint_tracks_minimum",
+    "assert_checkpoint_gradient_equivalent",
+    "assert_clamp_identity_below_cap",
+    "assert_clamp_preserves_direction",
+    "assert_context_diagnostics_match",
+    "assert_context_rows_normalized",
+    "assert_context_update_smoothed",
+    "assert_curriculum_progresses",
+    "assert_ddp_step_equivalent",
+    "assert_delta_norms_bounded",
+    "assert_early_stopping_follows_patience",
+    "assert_encoder_frozen_by_zero_lr",
+    "assert_encoder_grad_share_valid",
+    "assert_encoder_lr_scaled",
+    "assert_film_identity_at_init",
+    "assert_gradient_reaches_predictor",
+    "assert_gradients_clipped",
+    "assert_grokfast_filter_exact",
+    "assert_lora_decay_term",
+    "assert_lr_schedule_warmup_cosine",
+    "assert_matches_golden",
+    "assert_merge_roundtrip",
+    "assert_norm_governor_acts",
+    "assert_param_group_lrs",
+    "assert_predictor_deltas_bounded",
+    "assert_query_gradient_blocked",
+    "assert_ranks_agree",
+    "assert_residual_scaled",
+    "assert_scale_schedule_progressive",
+    "assert_sources_balanced",
+    "assert_stage_boundary_keeps_optimizer_state",
+    "assert_stage_schedule_honoured",
+    "assert_staged_module_active_from_start",
+    "assert_staged_module_identity_before_start",
+    "assert_validation_split_sound",
+    "assert_weight_ema_tracks_weights",
+    "clamp_frobenius",
+    "compare_curves",
+    "context_diagnostics_reference",
+    "context_specs",
+    "contexts",
+    "ddp_equivalence",
+    "ddp_equivalences",
+    "ddp_token_mean",
+    "deterministic",
+    "device_key",
+    "dtypes",
+    "encoder_grad_share_reference",
+    "expected_early_stop",
+    "float_tensors",
+    "frobenius_norms",
+    "gradient_sets",
+    "hyperlora_contexts",
+    "load_catalog",
+    "load_profile",
+    "lora_configs",
+    "lora_norm_series",
+    "lr_scales",
+    "lr_schedule_configs",
+    "metric_series",
+    "num_threads",
+    "one_thread",
+    "read_golden",
+    "read_log",
+    "record_golden",
+    "render_report",
+    "run_case",
+    "sample_statistics",
+    "scan_file",
+    "scan_records",
+    "scan_series",
+    "seeded",
+    "spawn_group",
+    "split_sizes",
+    "start_epochs",
+    "sum_reduction_scale",
+    "tolerance_for",
+    "unit_fractions",
+    "val_loss_sequences",
+    "values_around",
+    "verdict_of",
+    "weight_deltas",
+    "weight_histories",
+    "write_plot",
+]
 __version__ = "0.1.0"

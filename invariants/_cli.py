@@ -21,7 +21,7 @@ from invariants._catalog import Outcome, load_catalog, run_case
 from invariants._errors import InvalidArgumentError
 from invariants._profiles import load_profile
 
-_SUBCOMMANDS: tuple[str, ...] = ("invariants._scan", "invariants._golden")
+_SUBCOMMANDS: tuple[str, ...] = ("invariants.signatures.cli", "invariants.golden.cli")
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 

@@ -1,8 +1,10 @@
-"""One dtype tolerance table for every comparison the harness makes.
+"""Tolerances: the one ``Tolerance`` type and the one dtype table every comparison uses.
 
-The values are torch.testing.assert_close's defaults, so a check that passes
-here passes there.  ``eps`` is the unit roundoff used by bound checks stated as
-``bound * (1 + k * eps)`` (see SPEC note on H1).
+The table's values are torch.testing.assert_close's defaults, so a check that passes
+here passes there. ``eps`` is the unit roundoff used by bound checks stated as
+``bound * (1 + k * eps)`` (see SPEC note on H1); a tolerance that is not tied to a dtype
+(a golden curve's per-metric ``rtol``/``atol``) leaves it at 0. ``GoldenTolerance`` (in
+``invariants.golden``) is this same type.
 """
 from __future__ import annotations
 
@@ -18,9 +20,15 @@ __all__ = ["TOLERANCES", "Tolerance", "tolerance_for"]
 
 @dataclass(frozen=True)
 class Tolerance:
+    """``|actual - expected| <= atol + rtol * |expected|``; every field finite and >= 0."""
+
     rtol: float
     atol: float
-    eps: float  # machine epsilon of the dtype
+    eps: float = 0.0  # unit roundoff of the dtype (bound checks); 0: not tied to a dtype
+
+    def __post_init__(self) -> None:
+        for name in ("rtol", "atol", "eps"):
+            require_non_negative(name, getattr(self, name))
 
 
 TOLERANCES: dict[torch.dtype, Tolerance] = {
@@ -39,9 +47,5 @@ def tolerance_for(dtype: torch.dtype, *, rtol: float | None = None,
             f"dtype={dtype}: no tolerance defined; known dtypes are "
             f"{sorted(str(d) for d in TOLERANCES)}")
     base = TOLERANCES[dtype]
-    if rtol is not None:
-        require_non_negative("rtol", rtol)
-    if atol is not None:
-        require_non_negative("atol", atol)
     return Tolerance(rtol=base.rtol if rtol is None else rtol,
                      atol=base.atol if atol is None else atol, eps=base.eps)

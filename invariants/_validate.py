@@ -109,3 +109,19 @@ def unravel(flat: int, shape: Sequence[int]) -> tuple[int, ...]:
     if not shape:
         return ()
     return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(shape)))
+
+
+def require_patience(patience: Any) -> None:
+    require(isinstance(patience, int) and not isinstance(patience, bool) and patience >= 1,
+            "patience", patience, "must be an integer >= 1 (checks without improvement "
+            "before stopping)")
+
+
+def require_min_delta(min_delta: Any) -> None:
+    require(finite_number(min_delta) and min_delta >= 0, "min_delta", min_delta,
+            "must be a finite number >= 0 (the improvement a new best must exceed)")
+
+
+def require_max_norm(max_norm: Any) -> None:
+    require(finite_number(max_norm) and max_norm > 0, "max_norm", max_norm,
+            "must be a finite number > 0 (the cap on the total gradient norm)")

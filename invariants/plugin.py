@@ -4,11 +4,12 @@ Options live in one group (``invariants``); their names are constants so tests
 and docs cannot drift. Markers: ``golden`` (a golden training run), ``slow``,
 ``gpu`` (skipped cleanly without CUDA), ``distributed`` (spawns processes).
 Unless ``--hypothesis-profile`` is given, the profile comes from
-``$HYPOTHESIS_PROFILE``, else ``ci`` (see invariants/_profiles.py).
+``$HYPOTHESIS_PROFILE``, else ``ci`` (see invariants/_profiles.py). Fixtures:
+``device``, ``seeded_rngs`` (seeding through ``invariants._determinism``) and ``golden``
+(compare with, or ``--golden-update``, the stored curves; ``invariants.golden``).
 """
 from __future__ import annotations
 
-import random
 import signal
 
 import pytest
@@ -79,15 +80,10 @@ def device(request: pytest.FixtureRequest):
 
 @pytest.fixture
 def seeded_rngs():
-    """Seed python, numpy and torch RNGs with 0 for the test; restore torch's state after."""
-    import numpy as np
-    import torch
-    state = torch.random.get_rng_state()
-    random.seed(0)
-    np.random.seed(0)
-    torch.manual_seed(0)
-    yield 0
-    torch.random.set_rng_state(state)
+    """Seed python, numpy and torch RNGs with 0 for the test; restore their states after."""
+    from invariants._determinism import seeded
+    with seeded(0) as seed:
+        yield seed
 
 
 class GoldenSession:
@@ -104,12 +100,13 @@ class GoldenSession:
         other device keys are never touched.
         """
         __tracebackhide__ = True
-        from invariants._golden import _record, assert_matches_golden
+        from invariants.golden.compare import assert_matches_golden
+        from invariants.golden.run import execute_memoized
+        from invariants.golden.store import record
         if self.update:
-            path, curves = _record(run, self.golden_dir, self.device)
+            path, curves = record(run, self.golden_dir, self.device)
             print(f"golden updated: {path}")
             return curves
-        from invariants._golden import execute_memoized
         return assert_matches_golden(run, self.golden_dir, device=self.device,
                                      output_dir=self.output_dir,
                                      curves=execute_memoized(run, self.device))

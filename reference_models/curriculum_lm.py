@@ -40,9 +40,9 @@ from invariants import (one_thread, Case, LRScheduleConfig, assert_best_checkpoi
                         assert_stage_boundary_keeps_optimizer_state,
                         assert_validation_split_sound, gradient_sets, lr_schedule_configs,
                         split_sizes, val_loss_sequences)
-from invariants._distributed import agree_across_ranks, ddp_token_mean
-from invariants._validate import require
-from invariants._pipeline import require_max_norm, require_min_delta, require_patience
+from invariants import agree_across_ranks, ddp_token_mean
+from invariants.validation import require
+from invariants.validation import require_max_norm, require_min_delta, require_patience
 from reference_models import data_parallel
 
 SYSTEM = "curriculum_lm"

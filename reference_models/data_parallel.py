@@ -7,7 +7,7 @@ exactly the single-process code (the world-size-1 goldens stay bit-identical).
 The contract under a process group of world size W:
 
 * every rank draws the SAME full batch from the seeded generator and keeps its rows
-  ``shard()`` (rank r of W: rows ``r·B//W .. (r+1)·B//W``);
+  ``shard()`` (rank r of W: rows ``r·B//W .. (r+1)·B//W``, ``invariants.distributed.shard_batch``);
 * the model is wrapped in DDP (``wrap``), so the gradients, the gradient norms, the
   optimizer steps and therefore the parameters are the same on every rank;
 * a logged metric of the batch is computed from the FULL batch's tensors, put back
@@ -16,8 +16,10 @@ The contract under a process group of world size W:
   single process only because the parameters do (gradient averaging rounds
   differently from one full-batch backward).
 
-``REDUCE_METRICS = False`` (set inside a rank) makes ``gather`` return the local shard:
-the classic "metrics not all-reduced" bug, used by the tests to show it is caught.
+The library owns the metric-reduction switch: under ``invariants.distributed.metric_reduction(False)``
+(set inside a rank by ``execute_distributed(..., reduce_metrics=False)``) ``gather`` returns
+the local shard: the classic "metrics not all-reduced" bug, used by the tests to show it is
+caught.
 """
 from __future__ import annotations
 
@@ -27,9 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from invariants import InvalidArgumentError
-
-REDUCE_METRICS = True
+from invariants.distributed import metrics_reduced, shard_batch
+from invariants.distributed import shard_bounds as _shard_bounds
 
 
 def active() -> bool:
@@ -45,30 +46,22 @@ def rank_and_world() -> tuple[int, int]:
 
 def shard_bounds(n: int) -> tuple[int, int]:
     """Rows ``[lo, hi)`` of a batch of ``n`` rows that this rank trains on."""
-    rank, world = rank_and_world()
-    if n < world:
-        raise InvalidArgumentError(f"batch size={n}: must be >= world_size={world} so that "
-                                   "every rank gets at least one row")
-    return rank * n // world, (rank + 1) * n // world
+    return _shard_bounds(n, *rank_and_world())
 
 
 def shard(*tensors: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, ...]:
     """This rank's rows of each full-batch tensor (all must have the same size on ``dim``)."""
-    sizes = {t.shape[dim] for t in tensors}
-    if len(sizes) != 1:
-        raise InvalidArgumentError(f"tensors: batch sizes {sorted(sizes)} on dim={dim} differ")
-    lo, hi = shard_bounds(sizes.pop())
-    return tuple(t.narrow(dim, lo, hi - lo) for t in tensors)
+    return shard_batch(tensors, *rank_and_world(), dim=dim)
 
 
 def gather(t: torch.Tensor, dim: int = 0, *, full: int | None = None) -> torch.Tensor:
     """The full batch from every rank's shard, in rank order (exact; shards may differ in size).
 
     ``full``: the full batch's size, if known (then the shard sizes are computed, not
-    exchanged: one collective instead of two). Without a process group (or with
-    ``REDUCE_METRICS = False``) returns ``t``.
+    exchanged: one collective instead of two). Without a process group (or under
+    ``invariants.distributed.metric_reduction(False)``) returns ``t``.
     """
-    if not active() or not REDUCE_METRICS:
+    if not active() or not metrics_reduced():
         return t
     t = t.detach().contiguous()
     world = dist.get_world_size()

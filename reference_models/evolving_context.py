@@ -36,8 +36,8 @@ from invariants import (one_thread, Case, assert_context_diagnostics_match, asse
                         assert_encoder_grad_share_valid, assert_encoder_lr_scaled,
                         assert_query_gradient_blocked, assert_residual_scaled, context_specs,
                         lr_scales, unit_fractions)
-from invariants._context import PCT_UNDEFINED_BELOW
-from invariants._validate import (require, require_in_unit_interval, require_non_negative,
+from invariants import PCT_UNDEFINED_BELOW
+from invariants.validation import (require, require_in_unit_interval, require_non_negative,
                                   require_positive)
 from reference_models import data_parallel
 

@@ -34,9 +34,9 @@ from invariants import (one_thread, Case, NormGovernor, assert_clamp_identity_be
                         assert_predictor_deltas_bounded, assert_delta_norms_bounded,
                         clamp_frobenius, frobenius_norms, hyperlora_contexts, lora_norm_series,
                         values_around, weight_deltas)
-from invariants._distributed import agree_across_ranks, sum_reduction_scale
-from invariants._errors import InvalidArgumentError
-from invariants._validate import require, require_finite
+from invariants import agree_across_ranks, sum_reduction_scale
+from invariants import InvalidArgumentError
+from invariants.validation import require, require_finite
 from reference_models import data_parallel
 
 SYSTEM = "hyperlora"

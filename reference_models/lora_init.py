@@ -23,7 +23,7 @@ from invariants import (Case, LoraConfig, assert_adapter_contribution_negligible
                         assert_adapter_identity_at_init, assert_adapter_kl_zero,
                         assert_merge_roundtrip, assert_scale_schedule_progressive,
                         float_tensors, lora_configs, dtypes)
-from invariants._validate import require
+from invariants.validation import require
 from reference_models import data_parallel
 
 SYSTEM = "lora_init"

@@ -41,7 +41,7 @@ from invariants import (one_thread, ArgumentLayout, Case, argument_layouts, asse
                         assert_staged_module_identity_before_start,
                         assert_weight_ema_tracks_weights, float_tensors, start_epochs,
                         weight_histories)
-from invariants._validate import require
+from invariants.validation import require
 from reference_models import data_parallel
 
 SYSTEM = "staged_modules"

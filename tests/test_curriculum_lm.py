@@ -6,7 +6,6 @@ The kill matrix (fixed holds / broken caught) runs in tests/test_catalog.py.
 import math
 import os
 import pickle
-import time
 import warnings
 
 import expecttest
@@ -23,6 +22,7 @@ from invariants import (InvalidArgumentError, InvariantViolation, LRScheduleConf
                         assert_validation_split_sound, expected_early_stop, gradient_sets,
                         lr_schedule_configs, split_sizes, val_loss_sequences)
 from reference_models import curriculum_lm as clm
+from tests.common import assert_refused, refusals
 
 SEED_VAL_LOSSES = [2.5] * 10  # seed 002: "Validation Loss: 2.5" at every one of the 10 epochs
 
@@ -218,11 +218,9 @@ def test_p1_nan_optimizer_state_is_refused():
         assert_stage_boundary_keeps_optimizer_state(opt, lambda: None)
 
 
-@pytest.mark.parametrize("call, match", [(c, m) for _, c, m in BAD_INPUT],
-                         ids=[i for i, _, _ in BAD_INPUT])
+@pytest.mark.parametrize("call, match", refusals(BAD_INPUT))
 def test_bad_input_is_refused(call, match):
-    with pytest.raises(InvalidArgumentError, match=match):
-        call()
+    assert_refused(call, match)
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -253,13 +251,11 @@ def test_best_checkpoint_files_round_trip_as_state_dicts(tmp_path):
 
 
 # ------------------------------------------------------------------ train()
-def test_train_is_deterministic_fast_and_logs_every_metric():
-    start = time.perf_counter()
+def test_train_is_deterministic_and_logs_every_metric():
+    # its wall time is a budget in bench/bench_training.py, not a timed test
     a = clm.train(clm.FIXED, seed=0, max_epochs=3)
-    seconds = time.perf_counter() - start
     b = clm.train(clm.FIXED, seed=0, max_epochs=3)
     assert a == b
-    assert seconds < 5.0, f"train() took {seconds:.1f}s for 3 epochs"
     n = len(a["step"])
     assert n > 0 and all(len(a[k]) == n for k in ("loss", "lr", "grad_norm"))
     assert all(len(a[k]) == 3 for k in ("epoch", "epoch_step", "stage", "val_loss", "sample"))

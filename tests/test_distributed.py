@@ -1,7 +1,7 @@
 """DDP equivalence and rank-consistent decisions on real torch.distributed (gloo, CPU).
 
 Spawning a gloo group costs 2-5 s on this 2-core box and a training step costs
-milliseconds, so ONE spawned group (``ddp_cases.suite_worker``) runs every job —
+milliseconds, so ONE spawned group (``ddp_workers.suite_worker``) runs every job —
 the five seed systems' steps, their broken variants, the checkpointing cases and
 the decision loops — and the tests below judge its recorded states. Under
 pytest-xdist the group is spawned once per session, shared by the workers through
@@ -20,8 +20,8 @@ import torch
 
 from invariants import (InvariantViolation, assert_ddp_step_equivalent, assert_ranks_agree,
                         frobenius_norms, spawn_group)
-from invariants._distributed import single_process_state
-from reference_models import ddp_cases
+from invariants.distributed.jobs import single_process_state
+from tests import ddp_steps, ddp_workers
 
 pytestmark = pytest.mark.distributed
 
@@ -31,7 +31,7 @@ SYSTEMS = ("lora_init", "hyperlora", "staged_modules", "curriculum_lm", "evolvin
 
 def _run_suite() -> dict:
     started = time.monotonic()
-    ranks = spawn_group(ddp_cases.suite_worker, 2, ddp_cases.JOBS, timeout=GROUP_TIMEOUT_S)
+    ranks = spawn_group(ddp_workers.suite_worker, 2, ddp_steps.JOBS, timeout=GROUP_TIMEOUT_S)
     return {"ranks": ranks, "seconds": time.monotonic() - started}
 
 
@@ -54,13 +54,13 @@ def suite(tmp_path_factory) -> dict:
 
 def _states(suite, name):
     """(single-process state, per-rank DDP states) of one job."""
-    return (single_process_state(ddp_cases.JOBS[name]),
+    return (single_process_state(ddp_steps.JOBS[name]),
             [rank["steps"][name] for rank in suite["ranks"]])
 
 
 def _spec(name):
-    factory = ddp_cases.JOBS[name]["factory"].split(":")[1]
-    return getattr(ddp_cases, factory)(0)
+    factory = ddp_steps.JOBS[name]["factory"].split(":")[1]
+    return getattr(ddp_steps, factory)(0)
 
 
 # ------------------------------------------------------------ 1. DDP == one process
@@ -77,7 +77,7 @@ def test_ddp_step_equals_single_process_step(suite, system):
 
 def test_hyperlora_clamp_binds_and_agrees_under_ddp(suite):
     single, per_rank = _states(suite, "hyperlora")
-    spec = ddp_cases.hyperlora_step(0)
+    spec = ddp_steps.hyperlora_step(0)
     with torch.no_grad():  # the step's own forward: raw deltas exceed τ = 1.0 on the batch
         raw = frobenius_norms(spec.model.hyperlora.raw_deltas(spec.batch[2]))
     assert float(raw.max()) > 1.0 and float(raw.min()) < 1.0, \
@@ -149,7 +149,7 @@ def test_per_rank_token_mean_differs_from_the_global_token_mean(suite):
 @pytest.mark.parametrize("name", ["staged_modules_ckpt", "first_step_nonreentrant"])
 def test_nonreentrant_checkpoint_under_ddp_equals_plain_single_process_step(suite, name):
     single, per_rank = _states(suite, name)  # reference: the NON-checkpointed model
-    assert ddp_cases.JOBS[name]["reference"] != ddp_cases.JOBS[name]["factory"]
+    assert ddp_steps.JOBS[name]["reference"] != ddp_steps.JOBS[name]["factory"]
     assert_ddp_step_equivalent(single, per_rank)
 
 

@@ -15,12 +15,13 @@ from invariants import (CollapseGuard, InvalidArgumentError, InvariantViolation,
                         RankConsistentGuard, agree_across_ranks, assert_ddp_step_equivalent,
                         assert_ranks_agree, ddp_equivalence, ddp_equivalences, ddp_token_mean,
                         spawn_group, sum_reduction_scale)
-from reference_models import ddp_cases
+from invariants.distributed import metric_reduction, metrics_reduced, shard_batch, shard_bounds
+from tests import ddp_workers
 
 
 pytestmark = pytest.mark.distributed
 
-M = "reference_models.ddp_cases:"
+M = "tests.ddp_steps:"
 
 
 def _no_leftover_children():
@@ -33,7 +34,7 @@ def test_a_failing_rank_is_reported_with_its_traceback_and_the_group_reaped():
     with pytest.raises(RuntimeError, match=r"(?s)a rank of the 2-process gloo group failed:"
                                            r".*--- rank1 ---.*ValueError: rank 1 found a bad "
                                            r"shard"):
-        spawn_group(ddp_cases.failing_worker, 2, timeout=20)
+        spawn_group(ddp_workers.failing_worker, 2, timeout=20)
     _no_leftover_children()
 
 
@@ -41,7 +42,7 @@ def test_a_hanging_rank_times_out_in_bounded_time_and_every_process_is_killed():
     started = time.monotonic()
     with pytest.raises(TimeoutError, match=r"did not finish in 6s .* all processes were "
                                            r"killed"):
-        spawn_group(ddp_cases.hanging_worker, 2, timeout=6)
+        spawn_group(ddp_workers.hanging_worker, 2, timeout=6)
     assert time.monotonic() - started < 6 + 10  # the deadline, then terminate/kill + join
     _no_leftover_children()
 
@@ -64,6 +65,33 @@ def test_without_a_process_group_decisions_are_local():
     with pytest.warns(UserWarning, match="non_finite"):
         guard.update(0, {"loss": math.nan})
     assert guard.should_stop and guard.findings
+
+
+def test_metric_reduction_switch_is_owned_by_the_library_and_restored():
+    assert metrics_reduced() is True
+    with metric_reduction(False):
+        assert metrics_reduced() is False
+        with metric_reduction(True):
+            assert metrics_reduced() is True
+        assert metrics_reduced() is False
+    assert metrics_reduced() is True
+    with pytest.raises(RuntimeError), metric_reduction(False):
+        raise RuntimeError("a failing job")
+    assert metrics_reduced() is True
+
+
+def test_one_shard_helper_for_equal_and_unequal_shards():
+    x, y = torch.arange(10.0).reshape(5, 2), torch.arange(5)
+    shards = [shard_batch((x, y), rank, 2) for rank in range(2)]
+    assert [s[0].shape[0] for s in shards] == [2, 3]        # rows r·n//W .. (r+1)·n//W
+    assert torch.equal(torch.cat([s[0] for s in shards]), x)
+    assert torch.equal(torch.cat([s[1] for s in shards]), y)
+    assert [shard_bounds(8, r, 2, equal=True) for r in range(2)] == [(0, 4), (4, 8)]
+    assert shard_bounds(5) == (0, 5)                         # no process group: 0 of 1
+    (whole,) = shard_batch((x,))
+    assert torch.equal(whole, x)
+    cols = shard_batch((x.T,), 1, 2, dim=1)[0]
+    assert torch.equal(cols, x.T[:, 2:])
 
 
 @pytest.mark.parametrize("histories, message", [
@@ -93,26 +121,38 @@ def _single():
 
 BAD_INPUT = [
     ("spawn_fn", lambda: spawn_group(42, 2), r"fn=42: must be a module-level callable"),
-    ("spawn_world_zero", lambda: spawn_group(ddp_cases.failing_worker, 0),
+    ("spawn_world_zero", lambda: spawn_group(ddp_workers.failing_worker, 0),
      r"world_size=0: must be an integer >= 1"),
-    ("spawn_world_bool", lambda: spawn_group(ddp_cases.failing_worker, True),
+    ("spawn_world_bool", lambda: spawn_group(ddp_workers.failing_worker, True),
      r"world_size=True: must be an integer >= 1"),
-    ("spawn_timeout_zero", lambda: spawn_group(ddp_cases.failing_worker, 2, timeout=0),
+    ("spawn_timeout_zero", lambda: spawn_group(ddp_workers.failing_worker, 2, timeout=0),
      r"timeout=0: must be a finite number > 0"),
-    ("spawn_timeout_nan", lambda: spawn_group(ddp_cases.failing_worker, 2, timeout=math.nan),
+    ("spawn_timeout_nan", lambda: spawn_group(ddp_workers.failing_worker, 2, timeout=math.nan),
      r"timeout=nan: must be a finite number > 0"),
     ("agree_op", lambda: agree_across_ranks(True, op="sum"), r"op='sum': must be 'any' or 'all'"),
     ("guard_type", lambda: RankConsistentGuard(object()), r"guard=.*: must be a CollapseGuard"),
-    ("factory_no_colon", lambda: ddp_equivalence("reference_models.ddp_cases"),
-     r"factory='reference_models.ddp_cases': must be 'package.module:function'"),
+    ("factory_no_colon", lambda: ddp_equivalence("tests.ddp_steps"),
+     r"factory='tests.ddp_steps': must be 'package.module:function'"),
     ("factory_missing", lambda: ddp_equivalence(M + "nope"),
-     r"factory='reference_models.ddp_cases:nope': cannot resolve it"),
+     r"factory='tests.ddp_steps:nope': cannot resolve it"),
     ("factory_not_spec", lambda: ddp_equivalence(M + "not_a_spec"),
-     r"factory='reference_models.ddp_cases:not_a_spec': must return a StepSpec, got dict"),
+     r"factory='tests.ddp_steps:not_a_spec': must return a StepSpec, got dict"),
     ("batch_uneven", lambda: ddp_equivalence(M + "bad_batch_step"),
      r"batch size=5: must be a positive multiple of world_size=2"),
     ("clip", lambda: ddp_equivalence(M + "lora_init_step", clip="local"),
      r"clip='local': must be one of \('global', 'per_rank'\)"),
+    ("shard_uneven", lambda: shard_batch((torch.zeros(5),), 0, 2, equal=True),
+     r"batch size=5: must be a positive multiple of world_size=2"),
+    ("shard_too_few_rows", lambda: shard_bounds(1, 0, 2),
+     r"batch size=1: must be >= world_size=2 so that every rank gets at least one row"),
+    ("shard_sizes_differ", lambda: shard_batch((torch.zeros(4), torch.zeros(3)), 0, 2),
+     r"batch=\[\(4,\), \(3,\)\]: tensors must share the batch size on dim 0"),
+    ("shard_empty", lambda: shard_batch((), 0, 2), r"batch=\(\): needs at least one tensor"),
+    ("shard_rank", lambda: shard_bounds(4, 2, 2),
+     r"rank=2: must be an integer in \[0, world_size=2\)"),
+    ("shard_world", lambda: shard_bounds(4, 0, 0), r"world_size=0: must be an integer >= 1"),
+    ("metric_reduction", lambda: metric_reduction(1).__enter__(),
+     r"enabled=1: must be True or False"),
     ("jobs_empty", lambda: ddp_equivalences({}), r"jobs=\{\}: must be a non-empty mapping"),
     ("job_unknown_key", lambda: ddp_equivalences({"a": {"factory": M + "lora_init_step",
                                                         "lr": 1}}),

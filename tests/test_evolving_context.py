@@ -8,7 +8,6 @@ contract, the checks on hand-written (user-style) modules, and train_steps.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import replace
 
 import pytest
@@ -17,13 +16,14 @@ import torch.nn.functional as F
 from hypothesis import example, given, strategies as st
 from torch import nn
 
-from invariants import (ContextSpec, InvalidArgumentError, InvariantViolation,
+from invariants import (ContextSpec, InvariantViolation,
                         assert_context_diagnostics_match, assert_context_rows_normalized,
                         assert_context_update_smoothed, assert_encoder_frozen_by_zero_lr,
                         assert_encoder_grad_share_valid, assert_encoder_lr_scaled,
                         assert_query_gradient_blocked, assert_residual_scaled, context_specs,
                         contexts, lr_scales, unit_fractions)
 from reference_models import evolving_context as ec
+from tests.common import assert_refused, refusals
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -138,10 +138,9 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.parametrize("call, pattern", [pytest.param(c, p, id=i) for i, c, p in BAD_INPUT])
+@pytest.mark.parametrize("call, pattern", refusals(BAD_INPUT))
 def test_bad_input_is_rejected_with_name_and_value(call, pattern):
-    with pytest.raises(InvalidArgumentError, match=pattern):
-        call()
+    assert_refused(call, pattern)
 
 
 # ------------------------------------------------------- E5: freezing by lr 0
@@ -468,16 +467,13 @@ def test_strategies_reach_their_edges():
 
 
 # ---------------------------------------------------------------- train_steps
-def test_train_steps_is_deterministic_fast_and_leaves_global_state_alone():
+def test_train_steps_is_deterministic_and_leaves_global_state_alone():
     torch.manual_seed(123)
     rng = torch.random.get_rng_state()
     threads = torch.get_num_threads()
-    start = time.perf_counter()
-    a = ec.train_steps(ec.FIXED, 100, seed=0)
-    seconds = time.perf_counter() - start
+    a = ec.train_steps(ec.FIXED, 100, seed=0)  # wall time: bench/bench_training.py
     b = ec.train_steps(ec.FIXED, 100, seed=0)
     assert a == b
-    assert seconds < 3.0, f"train_steps(100) took {seconds:.2f} s"
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert torch.get_num_threads() == threads
     assert set(a) == set(ec.METRICS) and all(len(v) == 100 for v in a.values())

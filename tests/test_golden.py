@@ -9,7 +9,8 @@ from dataclasses import replace
 import pytest
 
 from invariants import InvariantViolation
-from invariants._golden import _execute, execute_memoized, mechanism_problems
+from invariants.golden import execute_memoized, mechanism_problems
+from invariants.golden.run import execute
 from reference_models import lora_init
 from reference_models.golden_runs import LORA_KWARGS, RUNS
 
@@ -51,7 +52,7 @@ def test_golden_run_cuda(run, golden):
 @pytest.mark.parametrize("run", RUNS, ids=[r.name for r in RUNS])
 def test_two_cpu_runs_are_bit_identical(run):
     """A fresh execution equals the one the other golden tests of this process read."""
-    first, second = execute_memoized(run, "cpu"), _execute(run, "cpu")
+    first, second = execute_memoized(run, "cpu"), execute(run, "cpu")
     assert first == second, f"{run.name}: two seeded CPU runs differ"
 
 

@@ -26,11 +26,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from invariants import GoldenTolerance, InvalidArgumentError, InvariantViolation
+from invariants import (GoldenError, GoldenTolerance, InvalidArgumentError, InvariantViolation,
+                        assert_matches_golden)
+from invariants.golden import (assert_ranks_logged_same_curves, execute_distributed,
+                               execute_distributed_jobs)
 from invariants._cli import main as cli_main
-from invariants._golden import (GoldenError, assert_matches_golden,
-                                assert_ranks_logged_same_curves, execute_distributed,
-                                execute_distributed_jobs)
 from reference_models import data_parallel
 from reference_models.golden_runs import DISTRIBUTED_HORIZONS, RUNS
 

@@ -7,9 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from invariants import (GoldenError, GoldenRun, GoldenTolerance, InvariantViolation, assert_matches_golden,
-                        device_key, read_golden, record_golden, run_spread, write_json_atomic)
+from invariants import (GoldenError, GoldenRun, GoldenTolerance, InvalidArgumentError,
+                        InvariantViolation, Tolerance, assert_matches_golden, device_key,
+                        read_golden, record_golden)
+from invariants.golden import run_spread
 from invariants._cli import main
+from invariants.golden import store
+from invariants.golden.store import write_json_atomic
 
 
 def _quick(name="quick", scale=1.0, config=None, noise=False):
@@ -112,6 +116,16 @@ def test_tolerance_table_is_part_of_the_config_hash():
     assert looser.config_sha256 != run.config_sha256
 
 
+def test_golden_tolerance_is_the_one_tolerance_type():
+    assert GoldenTolerance is Tolerance
+    assert GoldenTolerance(rtol=1e-5, atol=1e-6) == Tolerance(1e-5, 1e-6, eps=0.0)
+    assert _quick().tolerance("loss") == Tolerance(rtol=1e-5, atol=1e-6)
+    with pytest.raises(InvalidArgumentError, match=r"rtol=-1: must be a finite number >= 0"):
+        GoldenTolerance(rtol=-1, atol=0.0)
+    with pytest.raises(InvalidArgumentError, match=r"atol=nan: must be a finite number >= 0"):
+        GoldenTolerance(rtol=0.0, atol=math.nan)
+
+
 def test_refuses_curves_that_differ_between_seeded_runs(tmp_path):
     with pytest.raises(GoldenError, match=r"differs between two seeded runs \(loss at step 20"):
         record_golden(_quick(noise=True), tmp_path)
@@ -137,7 +151,6 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
 
 def test_atomic_write_goes_through_a_temp_file_and_rename(tmp_path, monkeypatch):
     """A crash between writing and renaming leaves the old golden whole (no in-place write)."""
-    import invariants._golden as g
     target = tmp_path / "g.json"
     write_json_atomic(target, {"ok": 1})
 
@@ -146,7 +159,7 @@ def test_atomic_write_goes_through_a_temp_file_and_rename(tmp_path, monkeypatch)
         assert json.loads(Path(src).read_text()) == {"new": 2}  # fully written before rename
         raise OSError("power cut")
 
-    monkeypatch.setattr(g.os, "replace", crash)
+    monkeypatch.setattr(store.os, "replace", crash)
     with pytest.raises(OSError, match="power cut"):
         write_json_atomic(target, {"new": 2})
     assert json.loads(target.read_text()) == {"ok": 1}
@@ -197,6 +210,14 @@ def test_cli_unknown_run_and_cuda_without_gpu(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["golden", "--device", "cuda"]) == 2
     assert "--device=cuda: torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+def test_cli_runs_module_that_cannot_be_used(capsys):
+    assert main(["golden", "--runs", "no_such_runs_module_xyz"]) == 2
+    assert ("--runs='no_such_runs_module_xyz': cannot import it (No module named "
+            "'no_such_runs_module_xyz')") in capsys.readouterr().err
+    assert main(["golden", "--runs", "json"]) == 2
+    assert "--runs='json': the module defines no RUNS" in capsys.readouterr().err
 
 
 def test_run_spread_is_zero_for_a_deterministic_run():

@@ -9,13 +9,14 @@ import torch
 from hypothesis import example, find, given, strategies as st
 from torch import nn
 
-from invariants import (InvalidArgumentError, InvariantViolation, NormGovernor,
+from invariants import (InvariantViolation, NormGovernor,
                         assert_clamp_identity_below_cap, assert_clamp_preserves_direction,
                         assert_delta_norms_bounded, assert_gradient_reaches_predictor,
                         assert_lora_decay_term, assert_norm_governor_acts, assert_param_group_lrs,
                         assert_predictor_deltas_bounded, clamp_frobenius, frobenius_norms,
                         hyperlora_contexts, lora_norm_series, values_around, weight_deltas)
 from reference_models import hyperlora as ref
+from tests.common import assert_refused, refusals
 
 F32_EPS = torch.finfo(torch.float32).eps
 # Found by a grid search: the seed's §2.2 clamp in float32 maps this delta
@@ -434,11 +435,9 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.parametrize("call, match", [(c, m) for _, c, m in BAD_INPUT],
-                         ids=[name for name, _, _ in BAD_INPUT])
+@pytest.mark.parametrize("call, match", refusals(BAD_INPUT))
 def test_bad_input(call, match):
-    with pytest.raises(InvalidArgumentError, match=match):
-        call()
+    assert_refused(call, match)
 
 
 @pytest.mark.parametrize("delta", [

@@ -269,7 +269,7 @@ def test_unreadable_file_exits_2(name, tmp_path, capsys, monkeypatch):
     """Permission denied (simulated: tests may run as root) while detecting or reading."""
     import builtins
 
-    import invariants._scan as scan_module
+    import invariants.signatures.logs as scan_module
     path = tmp_path / name
     path.write_text('{"step": 0, "loss": 1}\n')
 
@@ -315,7 +315,7 @@ class TestReportText(__import__("expecttest").TestCase):
 
     def test_rlan_report(self):
         import tempfile
-        from invariants._scan import render_report, scan_file
+        from invariants import render_report, scan_file
         with tempfile.TemporaryDirectory() as d:
             cwd = os.getcwd()
             os.chdir(d)

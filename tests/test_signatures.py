@@ -412,9 +412,11 @@ def test_bad_config(kwargs, match):
     (lambda: StreamingScanner().update(0, {"loss": "x"}), r"metrics\['loss'\]='x': must be a number"),
     (lambda: metric_series(min_points=0), r"min_points=0"),
     (lambda: metric_series(min_points=5, max_points=2), r"Cannot have max_points=2 < min_points=5"),
+    (lambda: metric_series(max_points=None), r"max_points=None: must be an integer"),
+    (lambda: metric_series(nan_rate=1.5), r"nan_rate=1.5: must lie in \[0, 1\]"),
     (lambda: sample_statistics(3), r"text=3: must be a str"),
 ], ids=["unknown-metric", "steps-backwards", "length-mismatch", "records-backwards",
-        "non-numeric", "min-points", "max-lt-min", "sample-not-str"])
+        "non-numeric", "min-points", "max-lt-min", "max-not-int", "nan-rate", "sample-not-str"])
 def test_bad_arguments(call, match):
     with pytest.raises(InvalidArgumentError, match=match):
         call()
@@ -441,7 +443,7 @@ def test_zclip_fast_screen_never_hides_an_exact_spike(seed, scale, noise, nudge,
     """The vectorised grad-norm detector skips the exact recursion when a blocked numpy EMA
     shows no point near the threshold.  Put a point exactly at / a hair above the exact
     threshold and check the screen lets it through."""
-    from invariants._signatures import GradNormSpike
+    from invariants.signatures.detectors.grad_norm import GradNormSpike
     cfg = SignatureConfig(zclip_alpha=alpha)
     rng = np.random.default_rng(seed)
     n = 3000
@@ -458,3 +460,39 @@ def test_zclip_fast_screen_never_hides_an_exact_spike(seed, scale, noise, nudge,
     got = scan_series({"grad_norm": (steps, x)}, cfg)
     assert [(f.step, f.value, f.threshold) for f in got] == [
         (f.step, f.value, f.threshold) for f in _stream(records_of({"grad_norm": (steps, x)}), cfg)]
+
+
+# --------------------------------------------------------------------------- package layout
+_FAMILIES = ["threshold", "loss", "grad_norm", "accuracy", "plateau", "overfit", "background",
+             "encoder", "samples"]
+
+
+@pytest.mark.parametrize("family", _FAMILIES)
+def test_each_rule_sits_beside_its_streaming_state(family):
+    """In ``detectors/<family>.py`` a detector's ``scan`` and its ``_XState.push`` are read
+    together: the state class is the class defined right after its detector."""
+    import importlib
+    import inspect
+
+    from invariants.signatures.detectors.base import Detector, _State
+    module = importlib.import_module(f"invariants.signatures.detectors.{family}")
+    classes = sorted((c for c in vars(module).values()
+                      if inspect.isclass(c) and c.__module__ == module.__name__),
+                     key=lambda c: inspect.getsourcelines(c)[1])
+    detectors = [c for c in classes if issubclass(c, Detector) and "stream" in vars(c)]
+    assert detectors, family
+    for det in detectors:
+        state = classes[classes.index(det) + 1]
+        assert issubclass(state, _State) and "push" in vars(state), (det, state)
+        assert state.__name__ in inspect.getsource(det.stream), (det, state)
+
+
+def test_signatures_package_exports_are_public_and_sorted():
+    import invariants
+    import invariants.signatures as signatures
+    assert signatures.__all__ == sorted(set(signatures.__all__))
+    # machinery (the detector factory) stays in the subpackage; everything else is re-exported
+    machinery = {"build_detectors"}
+    assert set(signatures.__all__) - machinery <= set(invariants.__all__)
+    for name in set(signatures.__all__) - machinery:
+        assert getattr(invariants, name) is getattr(signatures, name), name

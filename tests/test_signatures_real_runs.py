@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import pytest
 
-from invariants import Finding, StreamingScanner, scan_series, verdict_of
-from invariants._golden import execute_memoized
-from invariants._signatures import CANONICAL_METRICS
+from invariants import CANONICAL_METRICS, Finding, StreamingScanner, scan_series, verdict_of
+from invariants.golden import execute_memoized
 from reference_models.golden_runs import RUNS
 from tests.test_signatures_logs import records_of
 

@@ -2,7 +2,6 @@
 reference model's staging, the training function, the CLI acceptance, bad input."""
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -10,12 +9,13 @@ from hypothesis import example, find, given, settings, strategies as st
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from invariants import (InvalidArgumentError, InvariantViolation, assert_film_identity_at_init,
+from invariants import (InvariantViolation, assert_film_identity_at_init,
                         assert_stage_schedule_honoured, assert_staged_module_active_from_start,
                         assert_staged_module_identity_before_start,
                         assert_weight_ema_tracks_weights, start_epochs, weight_histories)
 from invariants._cli import main
 from reference_models import staged_modules as sm
+from tests.common import assert_refused, refusals
 
 
 # ----------------------------------------------------------- a user's staged module
@@ -217,10 +217,7 @@ def test_checkpointed_model_matches_plain_model_in_training():
 
 def test_train_epochs_is_deterministic_finite_and_background_heavy():
     threads = torch.get_num_threads()
-    sm.train_epochs(sm.FIXED, 1, seed=5)  # torch's one-off warm-up of a process
-    start = time.process_time()  # CPU time: single-threaded, robust to a shared machine
-    a = sm.train_epochs(sm.FIXED, 6, seed=0)
-    elapsed = time.process_time() - start
+    a = sm.train_epochs(sm.FIXED, 6, seed=0)  # CPU-time budget: bench/bench_training.py
     b = sm.train_epochs(sm.FIXED, 6, seed=0)
     assert a == b
     assert set(a) == {"loss", "accuracy", "bg_fraction", "target_bg_fraction", "fg_accuracy",
@@ -228,7 +225,6 @@ def test_train_epochs_is_deterministic_finite_and_background_heavy():
     assert all(len(v) == 6 and all(math.isfinite(x) for x in v) for v in a.values())
     assert 0.7 < a["target_bg_fraction"][0] < 0.95  # background-heavy grids
     assert a["lora_norm"][:5] == [0.0] * 5 and a["lora_norm"][5] > 0  # deltas gated until 5
-    assert elapsed < 3.0, f"train_epochs(6 epochs) took {elapsed:.2f}s of CPU (budget 3 s)"
     assert torch.get_num_threads() == threads
     assert "ema_accuracy" not in sm.train_epochs(sm.replace(sm.FIXED, use_ema=False), 1, 0)
 
@@ -410,7 +406,6 @@ def test_s5_nan_ema_is_a_violation(decay):
                                          [{"weight": torch.ones(2, 2)}], decay=decay)
 
 
-@pytest.mark.parametrize("call, match", [(c, m) for _, c, m in BAD], ids=[i for i, _, _ in BAD])
+@pytest.mark.parametrize("call, match", refusals(BAD))
 def test_bad_input_is_named(call, match):
-    with pytest.raises(InvalidArgumentError, match=match):
-        call()
+    assert_refused(call, match)

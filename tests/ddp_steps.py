@@ -1,4 +1,8 @@
-"""Factories and workers for the distributed tests (spawned processes import them by name).
+"""DDP step factories for the distributed tests (spawned processes import them by name).
+
+Test code, not a reference model: it lives under ``tests/`` and is named
+``"tests.ddp_steps:<function>"`` (the repository root is on the spawned ranks' path).
+The spawned workers that run them, and the decision loops, are in ``tests/ddp_workers.py``.
 
 A factory ``f(seed) -> StepSpec`` builds, deterministically from ``seed``, one
 training step of a seed system's FIXED configuration: the model, its optimizer,
@@ -21,8 +25,6 @@ What the factories change from the seed systems' training loops, and why:
 """
 from __future__ import annotations
 
-import os
-import warnings
 from dataclasses import replace
 
 import torch
@@ -30,18 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from invariants import (CollapseGuard, RankConsistentGuard, StepSpec, agree_across_ranks,
-                        ddp_token_mean, frobenius_norms, run_ddp_jobs, sum_reduction_scale)
+from invariants import StepSpec, ddp_token_mean, frobenius_norms, seeded, sum_reduction_scale
 
-__all__ = ["DECISIONS", "EQUIVALENCE_JOBS", "FirstSolverStep", "JOBS",
-           "curriculum_lm_seed_loss_step", "curriculum_lm_step", "evolving_context_step",
-           "failing_worker", "hanging_worker",
-           "hyperlora_seed_loss_step", "hyperlora_step", "lora_init_step",
-           "staged_first_step_nonreentrant", "staged_first_step_plain",
-           "staged_first_step_reentrant", "staged_modules_ckpt_reentrant_step",
-           "staged_modules_ckpt_step", "staged_modules_step", "suite_worker"]
-
-M = "reference_models.ddp_cases:"
+M = "tests.ddp_steps:"
 
 
 # ------------------------------------------------------------------ seed 003: lora_init
@@ -195,9 +188,8 @@ def staged_first_step_reentrant(seed: int) -> StepSpec:
 def _curriculum(seed: int, token_mean: bool) -> StepSpec:
     from reference_models import curriculum_lm as m
     cfg = m.FIXED
-    with torch.random.fork_rng(devices=[]):  # CharLM draws its init from the global RNG
-        torch.manual_seed(seed)              # (as m.train does); leave the caller's alone
-        model = m.CharLM(cfg.d_model)
+    with seeded(seed):                     # CharLM draws its init from the global RNG
+        model = m.CharLM(cfg.d_model)      # (as m.train does); leave the caller's alone
     texts = sorted(m.build_data(cfg, seed).stages[-1][:8], key=len)  # length-bucketed:
     tokens = m.encode(texts)               # (B, T+1); shard 0 has fewer real tokens than 1
 
@@ -282,29 +274,7 @@ BROKEN_JOBS = {
 JOBS = {**EQUIVALENCE_JOBS, **BROKEN_JOBS}
 
 
-# ------------------------------------------------------------------ spawn_group workers
-def failing_worker(rank: int, world_size: int) -> int:
-    """Rank 1 raises before any collective; rank 0 would wait in the barrier."""
-    if rank == 1:
-        raise ValueError("rank 1 found a bad shard")
-    dist_barrier()
-    return rank
-
-
-def hanging_worker(rank: int, world_size: int) -> int:
-    """The classic hang: rank 0 waits in a collective that rank 1 never reaches."""
-    import time
-    if rank == 1:
-        time.sleep(3600)
-    dist_barrier()
-    return rank
-
-
-def dist_barrier() -> None:
-    import torch.distributed as dist
-    dist.barrier()
-
-
+# ------------------------------------------------------------------ bad factories
 def bad_batch_step(seed: int) -> StepSpec:
     """A factory whose batch (5) does not split into 2 equal shards."""
     spec = lora_init_step(seed)
@@ -313,104 +283,3 @@ def bad_batch_step(seed: int) -> StepSpec:
 
 def not_a_spec(seed: int) -> dict:
     return {"model": None}
-
-
-# ------------------------------------------------------------------ decision workers
-STEPS = 20
-
-
-def _rank_losses(rank: int, steps: int = STEPS) -> list[float]:
-    """Smooth decay on every rank; rank 1's shard hits a NaN loss at step 12."""
-    losses = [2.0 * 0.97 ** s for s in range(steps)]
-    if rank == 1:
-        losses[12] = float("nan")
-    return losses
-
-
-def _rank_lora_norms(rank: int, steps: int = STEPS) -> list[float]:
-    """Per-rank mean ‖ΔW‖F: rank 0 drifts up slowly; rank 1 spikes past kill 2.0 at step 7."""
-    norms = [0.6 + 0.02 * s for s in range(steps)]
-    if rank == 1:
-        norms[7] = 2.5
-    return norms
-
-
-def _rank_val_losses(rank: int, steps: int = STEPS) -> list[float]:
-    """Per-rank val loss of its val shard: rank 0 plateaus from check 4, rank 1 keeps improving
-    until check 9. EarlyStopping(patience 3, min_delta 0.01) stops rank 0 at step 6."""
-    if rank == 0:
-        return [1.0 - 0.1 * min(s, 3) for s in range(steps)]
-    return [1.2 - 0.05 * min(s, 9) for s in range(steps)]
-
-
-def guard_decisions(rank: int, reduced: bool) -> list[list[int]]:
-    """CollapseGuard over this rank's losses; (step, should_stop) each step."""
-    guard = CollapseGuard(mode="stop")
-    watched = RankConsistentGuard(guard) if reduced else guard
-    history = []
-    for step, loss in enumerate(_rank_losses(rank)):
-        watched.update(step, {"loss": loss})
-        history.append([step, int(watched.should_stop)])
-    return history
-
-
-def governor_decisions(rank: int, reduced: bool) -> list[list[int]]:
-    """Seed 000's NormGovernor (FIXED thresholds); (step, stop) with stop = kill or early stop."""
-    from reference_models import hyperlora as m
-    governor = m.governor_for(m.FIXED)
-    history, stopped = [], False
-    for step, norm in enumerate(_rank_lora_norms(rank)):
-        local = governor.update(norm).action == "stop"
-        stopped = stopped or (agree_across_ranks(local) if reduced else local)
-        history.append([step, int(stopped)])
-    return history
-
-
-def early_stopping_decisions(rank: int, reduced: bool) -> list[list[int]]:
-    """Seed 002's EarlyStopping (FIXED patience/min_delta) on this rank's val losses."""
-    from reference_models import curriculum_lm as m
-    stopper = m.make_stopper(m.FIXED)
-    history, stopped = [], False
-    for step, val_loss in enumerate(_rank_val_losses(rank)):
-        local = stopper.step(val_loss)
-        stopped = stopped or (agree_across_ranks(local) if reduced else local)
-        history.append([step, int(stopped)])
-    return history
-
-
-def guard_raise_steps(rank: int, reduced: bool) -> list[list[int]]:
-    """CollapseGuard in ``raise`` mode: [[step, 1]] at the step this rank raised, or []."""
-    from invariants import CollapseDetected
-    guard = CollapseGuard(mode="raise")
-    watched = RankConsistentGuard(guard) if reduced else guard
-    for step, loss in enumerate(_rank_losses(rank)):
-        try:
-            watched.update(step, {"loss": loss})
-        except CollapseDetected:
-            return [[step, 1]]
-    return []
-
-
-DECISIONS = {"collapse_guard": guard_decisions, "norm_governor": governor_decisions,
-             "early_stopping": early_stopping_decisions}
-
-
-def suite_worker(rank: int, world_size: int, jobs: dict) -> dict:
-    """ONE spawned group for the whole distributed suite: every DDP step job (errors
-    captured per job) and every decision loop, naive and reduced. The loops do not
-    break on a stop (so the naive variant cannot hang); they record what each rank
-    would have done."""
-    with warnings.catch_warnings():
-        # reentrant checkpoint's "None of the inputs have requires_grad=True" and the
-        # guards' CollapseWarning are what the broken variants are about; the tests
-        # judge the recorded states, not the ranks' stderr
-        warnings.simplefilter("ignore", UserWarning)
-        out = {"pid": os.getpid(),
-               "steps": run_ddp_jobs(rank, world_size, jobs, capture_errors=True),
-               "decisions": {}}
-        for name, fn in DECISIONS.items():
-            for reduced in (False, True):
-                key = f"{name}.{'reduced' if reduced else 'naive'}"
-                out["decisions"][key] = fn(rank, reduced)
-        out["decisions"]["collapse_guard_raise.reduced"] = guard_raise_steps(rank, True)
-    return out

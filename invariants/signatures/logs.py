@@ -1,8 +1,6 @@
-"""``invariants scan``: read a training log, run the vectorised signature detectors.
-
-Contract (DESIGN.md): ``invariants scan PATH [--format auto|jsonl|csv|tensorboard]
-[--json] [--plot FILE.png] [--map new=old ...]``; exit 0 no critical finding,
-1 collapse, 2 unreadable input or bad usage (``FILE:LINE: problem`` on stderr).
+"""Owns reading training logs: ``read_log`` (JSONL, CSV, TensorBoard) into ``LogData``,
+every reader's ``FILE:LINE: problem`` errors, and ``scan_file`` (read, then the
+vectorised detectors).
 
 Readers return ``LogData``: per canonical metric the record ordinals, steps and
 values, ready for ``VectorisedScanner``.  JSONL values may be numbers, ``NaN``/
@@ -13,29 +11,24 @@ values, ready for ``VectorisedScanner``.  JSONL values may be numbers, ``NaN``/
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
 from invariants._errors import InvalidArgumentError
-from invariants._signatures import (CANONICAL_METRICS, TEXT_METRICS, Finding, SignatureConfig,
-                                    VectorisedScanner, verdict_of)
-
-__all__ = ["LogData", "read_log", "render_report", "scan_file", "write_plot"]
+from invariants.signatures.config import CANONICAL_METRICS, TEXT_METRICS, SignatureConfig
+from invariants.signatures.drivers import VectorisedScanner
+from invariants.signatures.findings import Finding, _g
 
 FORMATS = ("auto", "jsonl", "csv", "tensorboard")
 _NAN = {"nan", "+nan", "-nan"}
 _INF = {"inf", "+inf", "infinity", "+infinity"}
 _NINF = {"-inf", "-infinity"}
-_RATIO_SIGS = ("encoder_grad_share", "encoder_starving")
 
 
 @dataclass
@@ -170,10 +163,6 @@ class _Builder:
 def _short(x: Any, limit: int = 60) -> str:
     t = repr(x)
     return t if len(t) <= limit else t[: limit - 3] + "..."
-
-
-def _g(x: float) -> str:
-    return f"{x:.6g}"
 
 
 def _lines(path: str):
@@ -357,162 +346,3 @@ def scan_file(path: str | os.PathLike, fmt: str = "auto", mapping: Mapping[str, 
     """``read_log`` then the vectorised detectors; returns (data, findings sorted by step)."""
     data = read_log(path, fmt, mapping)
     return data, VectorisedScanner(config).scan(data.columns)
-
-
-def render_report(data: LogData, findings: Sequence[Finding]) -> str:
-    """The human-readable report ``invariants scan`` prints by default."""
-    verdict = verdict_of(findings)
-    steps = [s for _, st, _ in data.columns.values() for s in st]
-    lines = [f"{data.path}: {data.format}, {data.records} records, {data.step_key} "
-             f"{_g(min(steps))}..{_g(max(steps))}",
-             "metrics: " + ", ".join(f"{m} ({len(c[0])})" for m, c in sorted(data.columns.items()))]
-    if data.ignored:
-        lines.append("ignored (not canonical, not mapped): " + ", ".join(data.ignored))
-    n_crit = sum(f.severity == "critical" for f in findings)
-    n_warn = len(findings) - n_crit
-    head = {"healthy": "HEALTHY: no collapse signature found",
-            "warning": f"WARNING: {n_warn} warning(s), no critical finding",
-            "collapse": f"COLLAPSE: {n_crit} critical, {n_warn} warning(s)"}[verdict]
-    lines.append(head)
-    if verdict == "collapse":
-        first = next(f for f in findings if f.severity == "critical")
-        lines.append(f"first critical: {first.signature} on {first.metric} at "
-                     f"{data.step_key} {first.step}")
-    if findings:
-        w_step = max(len(data.step_key), *(len(str(f.step)) for f in findings))
-        w_sig = max(len("signature"), *(len(f.signature) for f in findings))
-        lines.append(f"  {data.step_key:>{w_step}}  {'severity':<8}  {'signature':<{w_sig}}  message")
-        for f in findings:
-            lines.append(f"  {str(f.step):>{w_step}}  {f.severity:<8}  {f.signature:<{w_sig}}  "
-                         f"{f.message}")
-    return "\n".join(lines)
-
-
-def write_plot(data: LogData, findings: Sequence[Finding], out: str | os.PathLike) -> None:
-    """Draw each flagged numeric metric with its thresholds and first-detection steps; atomic."""
-    import matplotlib
-    matplotlib.use("Agg", force=True)
-    from matplotlib import pyplot as plt
-
-    out = os.fspath(out)
-    if os.path.isdir(out):
-        raise InvalidArgumentError(f"--plot={out!r}: is a directory; give a file name, "
-                                   "e.g. plot.png")
-    flagged = [m for m in dict.fromkeys(f.metric for f in findings)
-               if m in data.columns and m not in TEXT_METRICS]
-    text_findings = [f for f in findings if f.metric in TEXT_METRICS]
-    metrics = flagged or [m for m in data.columns if m not in TEXT_METRICS][:4]
-    rows = max(len(metrics), 1)
-    fig, axes = plt.subplots(rows, 1, figsize=(9, 2.6 * rows + (0.6 if text_findings else 0)),
-                             squeeze=False, sharex=True)
-    verdict = verdict_of(findings)
-    fig.suptitle(f"{os.path.basename(data.path)}: {verdict}", fontsize=12,
-                 color={"healthy": "green", "warning": "darkorange", "collapse": "red"}[verdict])
-    colors = {"warning": "darkorange", "critical": "red"}
-    for ax, m in zip(axes[:, 0], metrics):
-        steps, values = data.series(m)
-        fin = np.isfinite(values)
-        ax.plot(steps[fin], values[fin], lw=1.0, color="tab:blue", label=m)
-        if (~fin).any():
-            y0 = float(np.min(values[fin])) if fin.any() else 0.0
-            ax.plot(steps[~fin], np.full(int((~fin).sum()), y0), "x", color="red", ms=8,
-                    label="non-finite")
-        for k, f in enumerate(f for f in findings if f.metric == m):
-            c = colors[f.severity]
-            if f.threshold is not None and math.isfinite(f.threshold):
-                ax.axhline(f.threshold, color=c, ls="--", lw=0.9)
-            ax.axvline(f.step, color=c, ls=":", lw=1.2)
-            if f.value is not None and math.isfinite(f.value) and f.signature not in _RATIO_SIGS:
-                ax.plot([f.step], [f.value], "o", color=c, ms=5)
-            thr = "" if f.threshold is None else f", threshold {f.threshold:.4g}"
-            ax.annotate(f"{f.severity}: {f.signature} @ {f.step}{thr}", xy=(0.01, 0.97 - 0.1 * k),
-                        xycoords="axes fraction", va="top", color=c, fontsize=8,
-                        bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
-        ax.set_ylabel(m)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8, framealpha=0.8)
-    axes[-1, 0].set_xlabel(data.step_key)
-    if text_findings:
-        fig.text(0.01, 0.005, "\n".join(f"{f.signature} @ {f.step}: {f.message}"[:140]
-                                        for f in text_findings[:3]), fontsize=7, va="bottom")
-    fig.tight_layout(rect=(0, 0.025 * min(len(text_findings), 3) + 0.01 if text_findings else 0, 1, 0.97))
-    directory = os.path.dirname(os.path.abspath(out))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".scan-", suffix=".png", dir=directory)
-    except OSError as exc:
-        plt.close(fig)
-        raise InvalidArgumentError(f"--plot={out!r}: cannot write in {directory!r} "
-                                   f"({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=110)
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise InvalidArgumentError(f"--plot={out!r}: cannot write the plot "
-                                   f"({exc.strerror or exc})") from None
-    finally:
-        if os.path.exists(tmp):  # only left behind when savefig or the rename failed
-            os.unlink(tmp)
-        plt.close(fig)
-
-
-def _parse_map(items: Sequence[str] | None) -> dict[str, str]:
-    mapping: dict[str, str] = {}
-    for item in items or ():
-        new, sep, old = item.partition("=")
-        if not sep or not new or not old:
-            raise InvalidArgumentError(f"--map {item!r}: expected new=old, e.g. loss=train/loss")
-        if new in mapping:
-            raise InvalidArgumentError(f"--map {item!r}: {new!r} is mapped twice")
-        mapping[new] = old
-    return mapping
-
-
-def _print(text: str) -> None:
-    """print, tolerating a reader that went away (``invariants scan ... | head``)."""
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-
-
-def _cmd_scan(args: argparse.Namespace) -> int:
-    mapping = _parse_map(args.map)
-    if args.plot:
-        parent = os.path.dirname(os.path.abspath(args.plot))
-        if os.path.isdir(args.plot):
-            raise InvalidArgumentError(f"--plot={args.plot!r}: is a directory; give a file "
-                                       "name, e.g. plot.png")
-        if not os.path.isdir(parent):
-            raise InvalidArgumentError(f"--plot={args.plot!r}: directory {parent!r} does not exist")
-    data, findings = scan_file(args.path, args.format, mapping)
-    verdict = verdict_of(findings)
-    if args.json:
-        _print(json.dumps({"verdict": verdict, "findings": [f.as_json() for f in findings]},
-                          indent=2, allow_nan=False))
-    else:
-        _print(render_report(data, findings))
-    if args.plot:
-        write_plot(data, findings, args.plot)
-        if not args.json:
-            _print(f"plot written to {args.plot}")
-    return 1 if verdict == "collapse" else 0
-
-
-def register(subparsers) -> None:
-    """Add the ``scan`` subcommand (called by ``invariants._cli``)."""
-    p = subparsers.add_parser("scan", help="scan a training log for collapse signatures")
-    p.add_argument("path", metavar="PATH", help="JSONL/CSV log, or TensorBoard event file/dir")
-    p.add_argument("--format", choices=FORMATS, default="auto",
-                   help="log format (default: %(default)s: by file name, then content)")
-    p.add_argument("--json", action="store_true", help="print the JSON contract instead")
-    p.add_argument("--plot", metavar="FILE.png", help="draw flagged metrics to this PNG")
-    p.add_argument("--map", metavar="new=old", nargs="+", action="extend",
-                   help="read canonical metric NEW from the log's column OLD")
-    p.set_defaults(func=_cmd_scan)
-
-
-def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - convenience
-    from invariants._cli import main as cli_main
-    return cli_main(["scan", *(argv or sys.argv[1:])])

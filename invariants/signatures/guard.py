@@ -1,4 +1,5 @@
-"""``CollapseGuard``: the streaming signature detectors, dropped into a training loop.
+"""Owns ``CollapseGuard``: the streaming signature detectors, dropped into a
+training loop (with ``CollapseWarning`` and ``CollapseDetected``).
 
     guard = CollapseGuard(mode="stop")
     for step, batch in enumerate(loader):
@@ -21,10 +22,9 @@ from typing import Any, Mapping
 
 from invariants._errors import InvalidArgumentError
 from invariants._validate import require
-from invariants._signatures import (CANONICAL_METRICS, Finding, SignatureConfig, StreamingScanner,
-                                    verdict_of)
-
-__all__ = ["CollapseDetected", "CollapseGuard", "CollapseWarning"]
+from invariants.signatures.config import CANONICAL_METRICS, SignatureConfig
+from invariants.signatures.drivers import StreamingScanner
+from invariants.signatures.findings import Finding, verdict_of
 
 _MODES = ("warn", "stop", "raise")
 _RANK = {"warning": 0, "critical": 1}

@@ -1,0 +1,122 @@
+"""The ``invariants golden`` subcommand: compare, regenerate (``--update``), measure spread.
+
+``invariants golden [--runs MODULE] [--run NAME ...] [--device cpu|cuda] [--golden-dir DIR]
+[--output DIR] [--world-size W [--deviations] [--timeout S]] [--update | --repeat N]``.
+Exit 0 when every run matches (or was updated), 1 on a mismatch, 2 on bad usage. The runs
+module is imported by name only when the command runs (``--runs``; the default is
+``DEFAULT_RUNS_MODULE``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from invariants._errors import InvalidArgumentError, InvariantViolation
+from invariants._validate import require
+from invariants.golden.compare import assert_matches_golden, distributed_deviations, run_spread
+from invariants.golden.ranks import execute_distributed
+from invariants.golden.run import DEFAULT_RUNS_MODULE, GoldenRun, device_key, load_runs
+from invariants.golden.store import read_golden, record
+
+__all__: list[str] = []
+
+
+def register(subparsers) -> None:
+    """Add the ``golden`` subcommand to the ``invariants`` parser."""
+    p = subparsers.add_parser(
+        "golden", help="compare, regenerate (--update) or measure the spread (--repeat N) of "
+                       "golden runs")
+    p.add_argument("--runs", default=DEFAULT_RUNS_MODULE,
+                   help="module defining RUNS (default: %(default)s)")
+    p.add_argument("--run", action="append", default=[], metavar="NAME",
+                   help="only this run (repeatable)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--golden-dir", default="golden", help="default: %(default)s")
+    p.add_argument("--output", default="golden-obtained",
+                   help="where mismatches write .obtained.json and plots (default: %(default)s)")
+    p.add_argument("--world-size", type=int, default=1, metavar="W",
+                   help="run data-parallel on W gloo CPU ranks (one spawned group) and compare "
+                        "rank 0 with the world-size-1 golden (default: %(default)s)")
+    p.add_argument("--deviations", action="store_true",
+                   help="with --world-size >= 2: print each metric's largest deviation from "
+                        "the golden (to set distributed_tolerances from measurement)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="with --world-size >= 2: seconds for the whole group (default: %(default)s)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--update", action="store_true",
+                       help="rewrite golden/<run>/<this device key>.json (other keys untouched)")
+    group.add_argument("--repeat", type=int, metavar="N",
+                       help="run each N times and print the per-metric spread (for tolerances)")
+    p.set_defaults(func=_cmd_golden)
+
+
+def _cmd_golden(args) -> int:
+    runs = load_runs(args.runs, args.run)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError("--device=cuda: torch.cuda.is_available() is False here")
+    device = torch.device(args.device)
+    require(args.world_size >= 1, "--world-size", args.world_size, "must be >= 1")
+    if args.world_size > 1:
+        return _cmd_golden_distributed(args, runs, device)
+    require(not args.deviations, "--deviations", True, "needs --world-size >= 2")
+    failed = 0
+    for run in runs:
+        if args.repeat is not None:
+            spread = run_spread(run, args.repeat, device)
+            print(f"{run.name} ({device_key(device)}, {args.repeat} runs):")
+            for metric, s in spread.items():
+                print(f"  {metric:<24} max |spread| {s['max_abs_spread']:.3g}   "
+                      f"max relative {s['max_rel_spread']:.3g}   (tolerance now "
+                      f"rtol={run.tolerance(metric).rtol:g}, atol={run.tolerance(metric).atol:g})")
+        elif args.update:
+            path, _ = record(run, Path(args.golden_dir), device)
+            print(f"updated {path}")
+        else:
+            try:
+                assert_matches_golden(run, Path(args.golden_dir), device=device,
+                                      output_dir=Path(args.output))
+                print(f"{run.name} ({device_key(device)}): matches golden")
+            except InvariantViolation as exc:
+                failed += 1
+                print(f"{run.name} ({device_key(device)}): MISMATCH\n{exc}")
+    return 1 if failed else 0
+
+
+def _cmd_golden_distributed(args, runs: Sequence[GoldenRun], device: torch.device) -> int:
+    for flag, value in (("--update", args.update), ("--repeat", args.repeat)):
+        require(not value, flag, value, "is for world size 1 (the golden is the single-process "
+                "run); with --world-size >= 2 the runs are compared with it")
+    per_run = execute_distributed(runs, args.world_size, runs_module=args.runs, device=device,
+                                  timeout=args.timeout)
+    failed = 0
+    for run in runs:
+        label = f"{run.name} ({device_key(device)}, world size {args.world_size})"
+        try:
+            assert_matches_golden(run, Path(args.golden_dir), device=device,
+                                  output_dir=Path(args.output), world_size=args.world_size,
+                                  per_rank=per_run[run.name], runs_module=args.runs)
+            print(f"{label}: matches golden; every rank logged the same curves")
+        except InvariantViolation as exc:
+            failed += 1
+            print(f"{label}: MISMATCH\n{exc}")
+        for metric, why in sorted(run.distributed_exclusions.items()):
+            print(f"  {metric}: not compared at world size {args.world_size}: {why}")
+        if run.distributed_horizon is not None:
+            step, why = run.distributed_horizon
+            print(f"  compared at steps < {step} only: {why}")
+        if args.deviations:
+            golden = read_golden(Path(args.golden_dir) / run.name / f"{device_key(device)}.json")
+            for metric, d in distributed_deviations(per_run[run.name][0],
+                                                    golden["metrics"]).items():
+                tol = run.distributed_tolerance(metric)
+                if "max_abs" in d:
+                    detail = (f"max |diff| {d['max_abs']:.3g} (step {d['worst_step']})   max "
+                              f"relative {d['max_rel']:.3g}   first inexact step "
+                              f"{d['first_inexact_step']}")
+                else:
+                    detail = ", ".join(f"{k} {v}" for k, v in d.items() if k != "exact")
+                print(f"  {metric:<24} {'bit-identical' if d['exact'] else 'differs'}   "
+                      f"{detail}   (tolerance rtol={tol.rtol:g}, atol={tol.atol:g})")
+    return 1 if failed else 0

@@ -1,0 +1,49 @@
+"""Collapse signatures: one definition per rule, two drivers, and the tools built on them.
+
+Owns the public face of the signature machinery; the names below are re-exported
+by ``invariants``.  Where each concern lives:
+
+- ``config``: canonical metric names, the signatures and ``SignatureConfig``.
+- ``findings``: ``Finding`` and ``verdict_of``.
+- ``detectors/<family>.py``: each rule's vectorised ``scan`` and streaming
+  ``_XState.push`` side by side (see ``detectors/__init__.py``).
+- ``drivers``: ``build_detectors``, ``StreamingScanner``, ``VectorisedScanner``,
+  ``scan_series``, ``scan_records``.
+- ``strategies``: ``metric_series`` (Hypothesis).
+- ``logs``: ``read_log`` / ``LogData`` / ``scan_file``; ``report``: the text report
+  and plot; ``cli``: the ``invariants scan`` subcommand.
+- ``guard``: ``CollapseGuard`` for live training loops.
+"""
+from invariants.signatures.config import CANONICAL_METRICS, SIGNATURES, SignatureConfig
+from invariants.signatures.detectors.samples import SampleStatistics, sample_statistics
+from invariants.signatures.drivers import (StreamingScanner, VectorisedScanner, build_detectors,
+                                           scan_records, scan_series)
+from invariants.signatures.findings import Finding, verdict_of
+from invariants.signatures.guard import CollapseDetected, CollapseGuard, CollapseWarning
+from invariants.signatures.logs import LogData, read_log, scan_file
+from invariants.signatures.report import render_report, write_plot
+from invariants.signatures.strategies import metric_series
+
+__all__ = [
+    "CANONICAL_METRICS",
+    "CollapseDetected",
+    "CollapseGuard",
+    "CollapseWarning",
+    "Finding",
+    "LogData",
+    "SIGNATURES",
+    "SampleStatistics",
+    "SignatureConfig",
+    "StreamingScanner",
+    "VectorisedScanner",
+    "build_detectors",
+    "metric_series",
+    "read_log",
+    "render_report",
+    "sample_statistics",
+    "scan_file",
+    "scan_records",
+    "scan_series",
+    "verdict_of",
+    "write_plot",
+]

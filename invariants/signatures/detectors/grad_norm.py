@@ -1,0 +1,199 @@
+"""Owns ``GradNormSpike`` (ZClip z-score plus a local-noise test) and its streaming
+state, with the blocked EMA (``_linear_recurrence``) its fast screen uses.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+from invariants.signatures.detectors.base import Detector, _first, _noise, _NoiseState, _State
+from invariants.signatures.findings import _g
+
+
+_EPS = float(np.finfo(np.float64).eps)
+
+
+def _linear_recurrence(u: np.ndarray, a: float) -> tuple[np.ndarray, float]:
+    """``y_i = a y_{i-1} + u_i`` (``y_0 = u_0``) in blocks; returns ``(y, bound)`` where
+    ``|y - exact| <= bound``: a loose bound on the rounding error (a within-block cumsum
+    of at most B terms magnified by at most ``a^-B``, carried with factor ``a^B``)."""
+    n = len(u)
+    B = int(max(1, min(256, math.floor(math.log(1e6) / -math.log(a)))))
+    nb = -(-n // B)
+    U = np.zeros(nb * B)
+    U[:n] = u
+    U = U.reshape(nb, B)
+    j = np.arange(B, dtype=np.float64)
+    up = a ** -j                  # (B,) a^-j  <= 1e6
+    down = a ** j                 # (B,) a^j
+    Z = np.cumsum(U * up, axis=1) * down          # (nb, B) zero carry-in
+    aB = a ** B
+    ends = Z[:, -1].tolist()
+    carry = list(itertools.accumulate(ends, lambda c, e: aB * c + e))  # y at each block end
+    prev = np.concatenate(([0.0], carry[:-1]))    # (nb,) carry into each block
+    Y = Z + prev[:, None] * (a * down)[None, :]
+    bound = 8.0 * B * _EPS * float(up[-1]) / (1.0 - aB)
+    return Y.reshape(-1)[:n], bound * float(np.max(np.abs(u)))
+
+
+def _local_median(prev: list) -> float:
+    """Lower median of the previous points (sorted, element ``(len - 1) // 2``)."""
+    return sorted(prev)[(len(prev) - 1) // 2]
+
+
+class GradNormSpike(Detector):
+    """ZClip z-score: ``z = (g_i - mu_{i-1}) / sigma_{i-1} > z_thr`` after the warm-up,
+    and the point stands out from its neighbourhood: ``g_i - med_i > noise_k * nu_i * |med_i|``.
+
+    ``mu_i = a mu_{i-1} + (1-a) g_i``, ``var_i = a var_{i-1} + (1-a)(g_i - mu_i)^2``,
+    ``mu_0 = g_0``, ``var_0 = 0``; sigma floored at ``zclip_sigma_floor * mu``.
+    ``med_i`` is the (lower) median of the previous ``zclip_local_points`` points and
+    ``nu_i`` the relative point-to-point noise before point i (as in ``AccuracyDrop``).
+    ZClip's rule is a clipping rule: the EMA lags a trend (every point of a rising
+    grad norm is "above the mean") and on a noisy series one batch in a few hundred is
+    beyond 2.5 sigma.  The second condition asks for a jump well beyond the series' own
+    point-to-point noise, measured from where the series is now.
+    """
+
+    signature = "grad_norm_spike"
+
+    def _f(self, step, g, thr, mu, sd, med, nu):
+        c = self.cfg
+        local = med + c.noise_k * nu * abs(med)
+        return self.finding("warning", step, g, max(thr, local),
+                            f"{self.metric}={_g(g)} > EMA mean {_g(mu)} + {_g(c.zclip_z)} "
+                            f"sigma ({_g(sd)}) = {_g(thr)} (ZClip z-score, "
+                            f"alpha={_g(c.zclip_alpha)}) and > {_g(local)}, the median "
+                            f"{_g(med)} of the previous {c.zclip_local_points} points plus "
+                            f"{_g(c.noise_k)} x their relative noise {_g(nu)}")
+
+    def _local(self, x: np.ndarray, nu: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """For candidate indices ``p`` (increasing): (p, medians) where the local rule holds."""
+        L = self.cfg.zclip_local_points
+        med = np.array([_local_median(x[max(q - L, 0):q].tolist()) for q in p.tolist()]) \
+            if len(p) else np.zeros(0)
+        return med, (x[p] - med) > self.cfg.noise_k * nu[p] * np.abs(med)
+
+    def scan(self, view, ctx):
+        cfg = self.cfg
+        x = view.x
+        n = len(x)
+        if n <= cfg.zclip_warmup:
+            return []
+        a = cfg.zclip_alpha
+        b = 1.0 - a
+        if not self._may_fire(x, a, b):
+            return []
+        xs = x.tolist()
+        mu = np.array(list(itertools.accumulate(xs, lambda m, g: a * m + b * g)))
+        d = x - mu
+        t = (b * (d * d)).tolist()
+        var = np.array(list(itertools.accumulate(t[1:], lambda v, u: a * v + u, initial=0.0)))
+        mp, vp = mu[:-1], var[:-1]  # statistics before observation i (i >= 1)
+        sd_eff = np.maximum(np.sqrt(vp), cfg.zclip_sigma_floor * np.abs(mp))
+        thr = mp + cfg.zclip_z * sd_eff
+        i = np.arange(1, n)
+        cand = np.flatnonzero((i >= cfg.zclip_warmup) & (x[1:] > thr))  # indices into thr
+        if len(cand) == 0:
+            return []
+        nu = _noise(x, cfg.smooth_window)
+        for lo in range(0, len(cand), 256):  # the first candidate usually decides
+            c = cand[lo:lo + 256]
+            med, ok = self._local(x, nu, c + 1)
+            jj = _first(ok)
+            if jj >= 0:
+                j = int(c[jj])
+                return [self._f(view.step[j + 1], x[j + 1], thr[j], mp[j], sd_eff[j], med[jj],
+                                nu[j + 1])]
+        return []
+
+    def _may_fire(self, x: np.ndarray, a: float, b: float) -> bool:
+        """Fast screen: False only if no point can exceed the exact threshold.
+
+        The EMAs are computed in blocks with numpy (closed form inside a block, carries
+        between blocks); their rounding error is bounded and the threshold is lowered by a
+        generous multiple of that bound.  If nothing comes within it, the exact sequential
+        recursion (bit-identical to the streaming driver) would find nothing either; if
+        something does, the caller runs the exact recursion.
+        """
+        cfg = self.cfg
+        M = float(np.max(np.abs(x)))
+        if not M < 1e150:
+            return True
+        u = b * x
+        u[0] = x[0]
+        mu, err = _linear_recurrence(u, a)
+        tol_mu = 100.0 * err + 1e3 * _EPS * M / b  # + the sequential recursion's own rounding
+        d = x - mu
+        v = b * (d * d)
+        v[0] = 0.0
+        var, err_v = _linear_recurrence(v, a)
+        D = 2.0 * M + tol_mu
+        # an error e in mu moves b*d^2 by at most b*(2De + e^2) per step; summed with weight a^k
+        tol_var = 100.0 * err_v + 1e3 * _EPS * D * D + 2.0 * D * tol_mu + tol_mu * tol_mu
+        tol_thr = tol_mu * (1.0 + cfg.zclip_z * cfg.zclip_sigma_floor) + \
+            cfg.zclip_z * math.sqrt(tol_var)
+        mp, vp = mu[:-1], var[:-1]
+        sd_eff = np.maximum(np.sqrt(np.maximum(vp, 0.0)), cfg.zclip_sigma_floor * np.abs(mp))
+        thr = mp + cfg.zclip_z * sd_eff
+        cand = x[1:] > thr - tol_thr
+        cand[: max(cfg.zclip_warmup - 1, 0)] = False
+        return bool(cand.any())
+
+    def stream(self):
+        return _GradNormSpikeState(self)
+
+
+class _GradNormSpikeState(_State):
+    __slots__ = ("det", "i", "mu", "var", "a", "b", "z", "floor", "warm", "nz", "prev", "L",
+                 "nk")
+
+    def __init__(self, det):
+        cfg = det.cfg
+        self.det = det
+        self.nz = _NoiseState(cfg.smooth_window)
+        self.prev: list[float] = []  # the last zclip_local_points points
+        self.L = cfg.zclip_local_points
+        self.nk = cfg.noise_k
+        self.i = 0
+        self.mu = 0.0
+        self.var = 0.0
+        self.a = cfg.zclip_alpha
+        self.b = 1.0 - cfg.zclip_alpha
+        self.z = cfg.zclip_z
+        self.floor = cfg.zclip_sigma_floor
+        self.warm = cfg.zclip_warmup
+        self.done = False
+
+    def push(self, step, g, last):
+        i = self.i
+        self.i = i + 1
+        a, b = self.a, self.b
+        nu = self.nz.push(g)
+        prev = self.prev
+        if i == 0:
+            self.mu = g
+            prev.append(g)
+            return None
+        out = None
+        if i >= self.warm:
+            mu = self.mu
+            sd = math.sqrt(self.var)
+            fl = self.floor * abs(mu)
+            sd_eff = sd if sd >= fl else fl
+            thr = mu + self.z * sd_eff
+            if g > thr:
+                med = _local_median(prev)
+                if g - med > self.nk * nu * abs(med):
+                    out = [self.det._f(step, g, thr, mu, sd_eff, med, nu)]
+                    self.done = True
+        if len(prev) == self.L:
+            prev.pop(0)
+        prev.append(g)
+        mu = a * self.mu + b * g
+        d = g - mu
+        self.var = a * self.var + b * (d * d)
+        self.mu = mu
+        return out
