@@ -30,9 +30,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 from invariants._assertions import compare_tensors, fail, invariant_check
+from invariants._determinism import seeded
 from invariants._errors import InvalidArgumentError
-from invariants._validate import require, require_finite
 from invariants._tolerances import tolerance_for
+from invariants._validate import require, require_finite
 
 __all__ = [
     "ArgumentLayout",
@@ -148,8 +149,7 @@ def _run(call: Callable[[], Any], targets: dict[int, torch.Tensor], seed: int) -
         targets[key].grad = None
     handles = [t.register_hook(hook_for(key)) for key, t in targets.items() if t.requires_grad]
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             out = call()
         outputs = [(p, t) for p, t in _leaves(out, "out") if t.is_floating_point()]
         loss = _loss(outputs, seed)
@@ -267,8 +267,7 @@ def assert_checkpoint_gradient_equivalent(step: Callable[..., Any], args: tuple 
 
     # Plain run first, to discover every leaf that receives a gradient.
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             probe = step(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - the caller's step is broken, not the checkpoint
         raise InvalidArgumentError(

@@ -18,6 +18,7 @@ from collections import defaultdict
 from typing import Sequence
 
 from invariants._catalog import Outcome, load_catalog, run_case
+from invariants._determinism import set_num_threads
 from invariants._errors import InvalidArgumentError
 from invariants._profiles import load_profile
 
@@ -66,9 +67,8 @@ def _first(text: str | None, limit: int = 300) -> str:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    import torch
     profile = load_profile()
-    torch.set_num_threads(args.threads)
+    set_num_threads(args.threads)
     cases = load_catalog(args.catalog)
     if args.system:
         systems = sorted({c.system for c in cases})

@@ -1,28 +1,36 @@
-"""The one list of Cases that the tests and ``invariants check`` both run.
+"""The one list of seed systems: their Cases (tests and ``invariants check``) and golden runs.
 
-Each seed system's module defines ``cases()``; this module only gathers them,
-in SPEC order, so adding a system is one line here.
+Each seed system is one folder ``reference_models/<system>/`` (config, model, train, cases,
+golden); this module only gathers ``<system>.cases.cases()`` and ``<system>.golden.RUNS``, in SPEC
+order, so adding a system is one folder and one line here.
 """
 from __future__ import annotations
 
 import importlib
 
-from invariants import Case
+from invariants import Case, GoldenRun
 
-SYSTEM_MODULES = (
-    "reference_models.hyperlora",        # seed 000
-    "reference_models.staged_modules",   # seed 001
-    "reference_models.curriculum_lm",    # seed 002
-    "reference_models.lora_init",        # seed 003
-    "reference_models.evolving_context", # seed 004
+SYSTEMS = (
+    "hyperlora",         # seed 000
+    "staged_modules",    # seed 001
+    "curriculum_lm",     # seed 002
+    "lora_init",         # seed 003
+    "evolving_context",  # seed 004
 )
 
 
 def cases() -> list[Case]:
     out: list[Case] = []
-    for name in SYSTEM_MODULES:
-        out.extend(importlib.import_module(name).cases())
+    for name in SYSTEMS:
+        out.extend(importlib.import_module(f"reference_models.{name}.cases").cases())
     return out
+
+
+def golden_runs() -> tuple[GoldenRun, ...]:
+    out: list[GoldenRun] = []
+    for name in SYSTEMS:
+        out.extend(importlib.import_module(f"reference_models.{name}.golden").RUNS)
+    return tuple(out)
 
 
 CASES = cases()

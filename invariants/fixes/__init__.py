@@ -8,8 +8,10 @@ them being used, and nothing here imports a reference model.
 """
 from invariants.fixes.frobenius import clamp_frobenius, frobenius_norms
 from invariants.fixes.governor import GOVERNOR_LEVELS, GovernorDecision, NormGovernor
+from invariants.signatures.guard import CollapseGuard
 
 __all__ = [
+    "CollapseGuard",
     "GOVERNOR_LEVELS",
     "GovernorDecision",
     "NormGovernor",
