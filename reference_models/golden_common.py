@@ -2,7 +2,7 @@
 
 A golden run is one ``GoldenRun`` (the library's type): a named, seeded short training run whose
 curves are compared with ``golden/<run>/<device-key>.json``. Each system folder defines its fixed
-and broken run with ``make_run``; ``reference_models.catalog.golden_runs()`` gathers them. World
+and broken run with ``collapse_pair``; ``reference_models.catalog.golden_runs()`` gathers them. World
 size 2 tolerances and horizons are measured per system (docs/golden.md).
 
 World size 2: rank 0 of a world-size-2 run (gloo, CPU, DDP over the batch) is compared with the
@@ -14,9 +14,12 @@ metrics (accuracy, levels, lr, stage) were bit-identical in every run and must s
 Continuous metrics that were bit-identical (staged_modules' lora_norm) keep the world-size-1
 table. A broken run whose dynamics amplify DDP's float32 rounding is compared only before its
 measured ``DISTRIBUTED_HORIZON`` step; after it, its check and signatures must still hold.
+A fixed run whose long horizon amplifies the rounding too (hyperlora's 400 Adam steps) gets
+its own measured ``DISTRIBUTED_HORIZON_FIXED`` (``fixed_distributed_horizon``).
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, Callable
 
 from invariants import GoldenRun, GoldenTolerance, InvariantViolation, SignatureConfig
@@ -30,49 +33,45 @@ def rel(rtol: float) -> GoldenTolerance:
     return GoldenTolerance(rtol=rtol, atol=0.0)
 
 
-def per_step(out: dict[str, list], keys: tuple[str, ...], steps=None) -> dict[str, tuple]:
-    """``{metric: (steps, values)}`` of the ``keys`` of a training function's output."""
-    first = out[keys[0]]
-    xs = list(range(len(first))) if steps is None else list(steps)
-    return {k: (xs, list(out[k])) for k in keys}
+def as_violation(check: Callable[[Any], None], run: str) -> Callable[[Any], None]:
+    """``check(curves)`` with its ``AssertionError`` re-raised as ``InvariantViolation`` naming
+    ``run`` (the collapse modules assert plainly; the golden machinery reports violations)."""
+    def wrapped(curves: Any) -> None:
+        try:
+            check(curves)
+        except InvariantViolation:
+            raise
+        except AssertionError as exc:
+            raise InvariantViolation(f"{run}: {exc}") from None
+    wrapped.__name__ = getattr(check, "__name__", "check")
+    return wrapped
 
 
-def expect(cond: bool, run: str, expected: str, observed: str) -> None:
-    """Raise ``InvariantViolation`` naming the run, what was expected and what was observed."""
-    if not cond:
-        raise InvariantViolation(f"{run}: expected {expected}\n  observed: {observed}")
-
-
-def make_run(name: str, fn: Callable, config: dict[str, Any], check: Callable, note: str, *,
-             signatures: tuple = (), signature_config: SignatureConfig | None = None,
-             tolerances: dict | None = None, distributed_tolerances: dict | None = None,
-             distributed_horizon: tuple[int, str] | None = None) -> GoldenRun:
-    """A ``GoldenRun`` named ``<system>-<fixed|broken>``; its kind is the name's suffix."""
-    return GoldenRun(name=name, fn=fn, config=config, check=check, note=note,
-                     kind=name.rsplit("-", 1)[1],
-                     signatures=signatures, signature_config=signature_config,
-                     tolerances=tolerances or {},
-                     distributed_tolerances=distributed_tolerances or {},
-                     distributed_horizon=distributed_horizon)
-
-
-def golden_pair(system: str, fn_for: Callable[[Any], Callable], fixed: Any, broken: Any, *,
-                config: Callable[[Any], dict[str, Any]], checks: tuple[Callable, Callable],
-                note: str, broken_signatures: tuple = (), tolerances: dict | None = None,
-                distributed_tolerances: dict | None = None,
-                distributed_horizon: tuple[int, str] | None = None,
-                signature_config: SignatureConfig | None = None) -> tuple[GoldenRun, GoldenRun]:
-    """A system's fixed and broken run: one training function, one SignatureConfig, one
-    tolerance table; only the config, the check, the expected signatures (broken) and the
-    world-size-2 horizon (broken) differ."""
+def collapse_pair(system: str, module: Any, *, broken_signatures: tuple,
+                  tolerances: dict | None = None, distributed_tolerances: dict | None = None,
+                  distributed_horizon: tuple[int, str] | None = None,
+                  fixed_distributed_horizon: tuple[int, str] | None = None,
+                  signature_config: SignatureConfig | None = None
+                  ) -> tuple[GoldenRun, GoldenRun]:
+    """The fixed and the broken run of a system's collapse module (``<system>/collapse.py``:
+    ``FIXED``, ``BROKEN``, ``run(cfg, seed, device)``, ``check_fixed``, ``check_broken``,
+    ``NOTE``). One training function, one SignatureConfig (default: the default detectors),
+    one tolerance table; only the config, the check, the expected critical signatures
+    (broken) and the world-size-2 horizons differ. The config stored and hashed is the whole
+    config dataclass."""
     signature_config = SignatureConfig() if signature_config is None else signature_config
-    fixed_check, broken_check = checks
-    return (
-        make_run(f"{system}-fixed", fn_for(fixed), config(fixed), fixed_check, note,
-                 signature_config=signature_config, tolerances=tolerances,
-                 distributed_tolerances=distributed_tolerances),
-        make_run(f"{system}-broken", fn_for(broken), config(broken), broken_check, note,
-                 signatures=broken_signatures, signature_config=signature_config,
-                 tolerances=tolerances, distributed_tolerances=distributed_tolerances,
-                 distributed_horizon=distributed_horizon),
-    )
+
+    def make(kind: str, cfg: Any, check: Callable, horizon: tuple[int, str] | None,
+             signatures: tuple) -> GoldenRun:
+        return GoldenRun(
+            name=f"{system}-{kind}", kind=kind,
+            fn=lambda seed, device: module.run(cfg, seed, device),
+            config={"system": system, "run": f"{module.__name__}.run", "cfg": asdict(cfg)},
+            check=as_violation(check, f"{system}-{kind}"), note=module.NOTE,
+            signatures=signatures, signature_config=signature_config,
+            tolerances=tolerances or {}, distributed_tolerances=distributed_tolerances or {},
+            distributed_horizon=horizon)
+
+    return (make("fixed", module.FIXED, module.check_fixed, fixed_distributed_horizon, ()),
+            make("broken", module.BROKEN, module.check_broken, distributed_horizon,
+                 broken_signatures))

@@ -7,7 +7,6 @@ own runs module only needs a ``RUNS`` tuple of ``GoldenRun`` (``--runs MODULE``)
 from __future__ import annotations
 
 from reference_models import catalog
-from reference_models.lora_init.golden import LORA_KWARGS
 
 RUNS = catalog.golden_runs()
 
@@ -15,4 +14,4 @@ RUNS = catalog.golden_runs()
 DISTRIBUTED_HORIZONS: dict[str, tuple[int, str]] = {
     run.name: run.distributed_horizon for run in RUNS if run.distributed_horizon is not None}
 
-__all__ = ["DISTRIBUTED_HORIZONS", "LORA_KWARGS", "RUNS"]
+__all__ = ["DISTRIBUTED_HORIZONS", "RUNS"]

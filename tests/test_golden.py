@@ -11,8 +11,7 @@ import pytest
 from invariants import InvariantViolation
 from invariants.golden import execute_memoized, mechanism_problems
 from invariants.golden.run import execute
-from reference_models import lora_init
-from reference_models.golden_runs import LORA_KWARGS, RUNS
+from reference_models.golden_runs import RUNS
 
 
 @pytest.mark.golden
@@ -56,17 +55,44 @@ def test_two_cpu_runs_are_bit_identical(run):
     assert first == second, f"{run.name}: two seeded CPU runs differ"
 
 
+SYSTEMS = sorted({r.name.rsplit("-", 1)[0] for r in RUNS})
+
+
 @pytest.mark.golden
-def test_removing_the_fix_fails_the_fixed_golden(golden, tmp_path):
-    """Swap the zero-init fix for the seed's random init behind the fixed run's name and config."""
-    fixed = next(r for r in RUNS if r.name == "lora_init-fixed")
-    unfixed = replace(fixed, fn=lambda seed, device: lora_init.finetune_curves(
-        lora_init.BROKEN, seed=seed, **LORA_KWARGS))
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_removing_the_fix_fails_the_fixed_golden(system, golden, tmp_path):
+    """The fixed run's name and config with the broken run's training: the comparison fails by
+    collapsing (its golden has no findings), names the first differing metric and writes the
+    obtained curves and a plot that shows where."""
+    fixed = next(r for r in RUNS if r.name == f"{system}-fixed")
+    broken = next(r for r in RUNS if r.name == f"{system}-broken")
+    unfixed = replace(fixed, fn=broken.fn)
     golden.output_dir = tmp_path
     golden.update = False
     with pytest.raises(InvariantViolation) as info:
         golden.check(unfixed)
     text = str(info.value)
-    assert re.search(r"kl_from_base: \d+/31 points outside tolerance; worst at step \d+: golden [-\d.e]+, obtained [-\d.e]+", text), text
-    assert f"plot: {tmp_path}/lora_init-fixed.cpu.obtained.png" in text
-    assert (tmp_path / "lora_init-fixed.cpu.obtained.json").exists()
+    assert re.search(r"points outside tolerance; worst at step \d+: golden [-\d.e]+, obtained "
+                     r"[-\d.e]+", text), text
+    assert "the fixed run shows collapse signatures" in text and "'critical'" in text, text
+    assert f"plot: {tmp_path}/{system}-fixed.cpu.obtained.png" in text
+    assert (tmp_path / f"{system}-fixed.cpu.obtained.json").exists()
+    assert (tmp_path / f"{system}-fixed.cpu.obtained.png").stat().st_size > 0
+
+
+@pytest.mark.golden
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_a_run_builds_everything_on_the_device_it_is_given(system):
+    """With torch's default device set to "meta", any tensor a run made without an explicit
+    device would be a meta tensor (and the run would fail or differ): a run given "cpu" must
+    produce exactly the curves it produces normally."""
+    import torch
+    run = next(r for r in RUNS if r.name == f"{system}-fixed")
+    expected = execute_memoized(run, "cpu")
+    previous = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        obtained = execute(run, "cpu")
+    finally:
+        torch.set_default_device(previous)
+    assert obtained == expected, f"{run.name}: curves depend on torch's default device"

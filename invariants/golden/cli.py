@@ -1,13 +1,19 @@
 """The ``invariants golden`` subcommand: compare, regenerate (``--update``), measure spread.
 
 ``invariants golden [--runs MODULE] [--run NAME ...] [--device cpu|cuda] [--golden-dir DIR]
-[--output DIR] [--world-size W [--deviations] [--timeout S]] [--update | --repeat N]``.
-Exit 0 when every run matches (or was updated), 1 on a mismatch, 2 on bad usage. The runs
+[--output DIR] [--world-size W [--deviations] [--timeout S]]
+[--update | --repeat N | --sweep N [--json]]``.
+Exit 0 when every run matches (or was updated), 1 on a mismatch, 2 on bad usage. ``--sweep N``
+runs every selected run on seeds 0..N-1 and reports each one's findings and verdict (the scan
+contract's); exit 1 when a fixed run shows any finding or a broken run misses its documented
+critical collapse on any seed. The runs
 module is imported by name only when the command runs (``--runs``; the default is
 ``DEFAULT_RUNS_MODULE``).
 """
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -17,8 +23,10 @@ from invariants._errors import InvalidArgumentError, InvariantViolation
 from invariants._validate import require
 from invariants.golden.compare import assert_matches_golden, distributed_deviations, run_spread
 from invariants.golden.ranks import execute_distributed
-from invariants.golden.run import DEFAULT_RUNS_MODULE, GoldenRun, device_key, load_runs
+from invariants.golden.run import (DEFAULT_RUNS_MODULE, GoldenRun, device_key, execute, load_runs,
+                                   mechanism_problems)
 from invariants.golden.store import read_golden, record
+from invariants.signatures import CANONICAL_METRICS, scan_series, verdict_of
 
 __all__: list[str] = []
 
@@ -49,6 +57,10 @@ def register(subparsers) -> None:
                        help="rewrite golden/<run>/<this device key>.json (other keys untouched)")
     group.add_argument("--repeat", type=int, metavar="N",
                        help="run each N times and print the per-metric spread (for tolerances)")
+    group.add_argument("--sweep", type=int, metavar="N",
+                       help="run each on seeds 0..N-1 and report its findings and verdict")
+    p.add_argument("--json", action="store_true",
+                   help="with --sweep: print {\"runs\": [{run, seed, device, verdict, findings}]}")
     p.set_defaults(func=_cmd_golden)
 
 
@@ -61,6 +73,9 @@ def _cmd_golden(args) -> int:
     if args.world_size > 1:
         return _cmd_golden_distributed(args, runs, device)
     require(not args.deviations, "--deviations", True, "needs --world-size >= 2")
+    require(not args.json or args.sweep is not None, "--json", True, "needs --sweep N")
+    if args.sweep is not None:
+        return _cmd_sweep(runs, args.sweep, device, as_json=args.json)
     failed = 0
     for run in runs:
         if args.repeat is not None:
@@ -120,3 +135,41 @@ def _cmd_golden_distributed(args, runs: Sequence[GoldenRun], device: torch.devic
                 print(f"  {metric:<24} {'bit-identical' if d['exact'] else 'differs'}   "
                       f"{detail}   (tolerance rtol={tol.rtol:g}, atol={tol.atol:g})")
     return 1 if failed else 0
+
+
+def sweep(runs: Sequence[GoldenRun], seeds: int, device: torch.device) -> list[dict]:
+    """Each run on seeds ``0..seeds-1``: ``{"run", "seed", "device", "verdict", "findings",
+    "problems"}`` with findings as in the scan contract and the run's mechanism problems
+    (fixed: any finding; broken: its documented collapse missing; its own check)."""
+    require(isinstance(seeds, int) and seeds >= 1, "--sweep", seeds, "must be an integer >= 1")
+    rows = []
+    for run in runs:
+        for seed in range(seeds):
+            seeded_run = replace(run, seed=seed)
+            curves = execute(seeded_run, device)
+            series = {m: c for m, c in curves.items() if m in CANONICAL_METRICS}
+            findings = scan_series(series, run.signature_config)
+            found = [{"signature": f.signature, "metric": f.metric, "severity": f.severity,
+                      "step": f.step} for f in findings]
+            rows.append({"run": run.name, "seed": seed, "device": device_key(device),
+                         "verdict": verdict_of(findings),
+                         "findings": [f.as_json() for f in findings],
+                         "problems": [p.strip() for p in mechanism_problems(seeded_run, curves,
+                                                                             found)]})
+    return rows
+
+
+def _cmd_sweep(runs: Sequence[GoldenRun], seeds: int, device: torch.device, *,
+               as_json: bool) -> int:
+    rows = sweep(runs, seeds, device)
+    if as_json:
+        print(json.dumps({"runs": rows}, indent=2, allow_nan=False))
+    else:
+        for row in rows:
+            first = min((f["step"] for f in row["findings"] if f["severity"] == "critical"),
+                        default=None)
+            print(f"{row['run']:<26} seed {row['seed']}  {row['verdict']:<8} "
+                  f"{len(row['findings'])} findings"
+                  + (f", first critical at step {first}" if first is not None else "")
+                  + ("" if not row["problems"] else "  PROBLEM: " + "; ".join(row["problems"])))
+    return 1 if any(row["problems"] for row in rows) else 0

@@ -13,4 +13,3 @@ from reference_models.lora_init.cases import *  # noqa: F401,F403
 from reference_models.lora_init.cases import _check_l1, _check_l7  # noqa: F401  (used by tests)
 from reference_models.lora_init.config import *  # noqa: F401,F403
 from reference_models.lora_init.model import *  # noqa: F401,F403
-from reference_models.lora_init.train import *  # noqa: F401,F403

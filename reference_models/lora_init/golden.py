@@ -1,48 +1,28 @@
-"""Golden runs of seed system ``lora_init``: one fixed and one broken short training run.
+"""Golden runs of seed 003 (``lora_init``): the fixed and the broken collapse run.
+
+The runs themselves (task, model, horizon, the fixed/broken configs that differ only in what
+the seed blames, the ablations, the checks and the note) are in ``collapse.py``. The broken
+run must show the seed's downstream collapse as the critical findings below; the fixed run
+must show no finding at all (docs/golden.md, per-seed table).
 """
 from __future__ import annotations
 
-from dataclasses import asdict
-from typing import Callable
-
 from invariants import GoldenTolerance
-from reference_models import lora_init
-from reference_models.golden_common import EXACT, expect, golden_pair, rel
+from reference_models.golden_common import EXACT, collapse_pair, rel
+from reference_models.lora_init import collapse
 
-LORA_KWARGS = {"pretrain_steps": 100, "finetune_steps": 30}
+BROKEN_SIGNATURES = (("divergence", "val_loss"), ("entropy_spike", "entropy"))
 
-
-def _lora(cfg) -> Callable:
-    return lambda seed, device: lora_init.finetune_curves(cfg, seed=seed, **LORA_KWARGS)
-
-
-def _lora_fixed_check(curves) -> None:
-    kl0 = curves["kl_from_base"][1][0]
-    expect(kl0 == 0.0, "lora_init-fixed", "KL from the base exactly 0 at step 0 (zero-init B)",
-            f"KL = {kl0!r}")
-
-
-def _lora_broken_check(curves) -> None:
-    kl0 = curves["kl_from_base"][1][0]
-    expect(kl0 > 0.0, "lora_init-broken",
-            "a non-zero KL from the base at step 0 (the seed's random init perturbs the model)",
-            f"KL = {kl0!r}")
-
-
-# world size 2: measured max relative deviation in the comments (golden_common)
+# world size 2 (golden_common): measured max relative deviation over both runs in the comments
+# (torch 2.13.0+cpu, gloo, 2 ranks). The pretraining (steps 0-29) is replayed on every rank:
+# bit-identical, base_val_loss included (it keeps the world-size-1 table); the 9 data-parallel
+# fine-tune steps deviate by rounding only, largest at the last probe (step 36). No horizon.
 DISTRIBUTED_TOLERANCES: dict[str, GoldenTolerance] = {
-    "loss": rel(1e-5),            # 2.32e-6
-    "entropy": rel(8e-6),         # 1.79e-6
-    "kl_from_base": rel(2e-5),    # 2.92e-6
-    "adapter_delta_norm": rel(9e-7),  # 2.08e-7
-    "accuracy": EXACT}
+    "val_loss": rel(6e-6),        # 1.33e-6 (broken, step 36)
+    "entropy": rel(3e-6),         # 7.15e-7
+    "train_loss": rel(2e-5),      # 4.11e-6 (broken, step 36)
+    "kl_to_base": rel(8e-6),      # 1.78e-6 (broken, step 36)
+    "val_accuracy": EXACT, "top1_changed": EXACT, "lr": EXACT}
 
-
-RUNS = golden_pair(
-    "lora_init", _lora, lora_init.FIXED, lora_init.BROKEN,
-    config=lambda cfg: {"system": "lora_init", "lora": asdict(cfg), **LORA_KWARGS,
-                    "lm": asdict(lora_init.TinyLMConfig())},
-    checks=(_lora_fixed_check, _lora_broken_check),
-    note=lora_init.GOLDEN_NOTE,
-    tolerances={"kl_from_base": GoldenTolerance(rtol=1e-5, atol=1e-9)},
-    distributed_tolerances=DISTRIBUTED_TOLERANCES)
+RUNS = collapse_pair("lora_init", collapse, broken_signatures=BROKEN_SIGNATURES,
+                     distributed_tolerances=DISTRIBUTED_TOLERANCES)
