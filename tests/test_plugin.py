@@ -44,32 +44,78 @@ def test_device_fixture_and_cuda_request(pytester, monkeypatch):
     result.stdout.fnmatch_lines(["*--device cuda given but torch.cuda.is_available() is False*"])
 
 
-def test_default_profile_is_ci_and_env_selects(pytester, monkeypatch):
-    pytester.makepyfile("""
-        import os
-        from hypothesis import settings
+PROFILE_PROBE = """
+    import os
+    from hypothesis import settings
 
-        def test_profile():
-            want = os.environ.get("WANT_EXAMPLES")
-            assert settings.default.max_examples == int(want)
-    """)
-    monkeypatch.delenv("HYPOTHESIS_PROFILE", raising=False)
-    monkeypatch.setenv("WANT_EXAMPLES", "100")
-    pytester.runpytest_subprocess().assert_outcomes(passed=1)
-    monkeypatch.setenv("HYPOTHESIS_PROFILE", "dev")
-    monkeypatch.setenv("WANT_EXAMPLES", "20")
-    pytester.runpytest_subprocess().assert_outcomes(passed=1)
-    monkeypatch.setenv("HYPOTHESIS_PROFILE", "thorough")
-    monkeypatch.setenv("WANT_EXAMPLES", "1000")
-    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+    def test_profile():
+        assert settings.default.max_examples == int(os.environ["WANT_EXAMPLES"])
+"""
 
 
-def test_unknown_profile_is_a_clear_error(pytester, monkeypatch):
-    pytester.makepyfile("def test_x():\n    pass\n")
-    monkeypatch.setenv("HYPOTHESIS_PROFILE", "fastest")
+@pytest.mark.parametrize("env, want", [(None, 100), ("dev", 20), ("thorough", 1000),
+                                       ("invariants.dev", 20)])
+def test_an_opted_in_suite_gets_ci_and_env_selects(pytester, monkeypatch, env, want):
+    pytester.makeini("[pytest]\ninvariants_profile = ci\n")
+    pytester.makepyfile(PROFILE_PROBE)
+    if env is None:
+        monkeypatch.delenv("HYPOTHESIS_PROFILE", raising=False)
+    else:
+        monkeypatch.setenv("HYPOTHESIS_PROFILE", env)
+    monkeypatch.setenv("WANT_EXAMPLES", str(want))
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+
+
+TEAM_CONFTEST = """
+    from hypothesis import settings
+    settings.register_profile("ci", max_examples=7, derandomize=False)
+    settings.register_profile("theirs", max_examples=3)
+    settings.load_profile("ci")
+"""
+
+
+@pytest.mark.parametrize("env, want", [(None, 7), ("ci", 7), ("theirs", 7)])
+def test_a_suite_that_did_not_opt_in_keeps_its_own_hypothesis_setup(pytester, monkeypatch,
+                                                                    env, want):
+    """A team loads its own 'ci' profile in its conftest: installing the harness (and
+    importing invariants, which registers namespaced profiles) must not replace it, and
+    $HYPOTHESIS_PROFILE naming their profile must not crash pytest."""
+    pytester.makeconftest(TEAM_CONFTEST + "    import invariants  # noqa: F401\n")
+    pytester.makepyfile(PROFILE_PROBE)
+    if env is None:
+        monkeypatch.delenv("HYPOTHESIS_PROFILE", raising=False)
+    else:
+        monkeypatch.setenv("HYPOTHESIS_PROFILE", env)
+    monkeypatch.setenv("WANT_EXAMPLES", str(want))
     result = pytester.runpytest_subprocess()
-    assert result.ret != 0
-    result.stderr.fnmatch_lines(["*HYPOTHESIS_PROFILE='fastest': unknown profile*"])
+    result.assert_outcomes(passed=1)
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+
+
+def test_an_opted_in_suite_leaves_a_profile_it_does_not_know_to_hypothesis(pytester,
+                                                                          monkeypatch):
+    pytester.makeini("[pytest]\ninvariants_profile = ci\n")
+    pytester.makeconftest(TEAM_CONFTEST)
+    pytester.makepyfile(PROFILE_PROBE)
+    monkeypatch.setenv("HYPOTHESIS_PROFILE", "theirs")
+    monkeypatch.setenv("WANT_EXAMPLES", "7")    # their conftest's 'ci', untouched by us
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+
+
+def test_an_unknown_opt_in_value_is_a_clear_usage_error(pytester):
+    pytester.makeini("[pytest]\ninvariants_profile = fastest\n")
+    pytester.makepyfile("def test_x():\n    pass\n")
+    result = pytester.runpytest_subprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*invariants_profile='fastest': unknown profile*"])
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_the_cli_refuses_an_unknown_profile_with_exit_2(monkeypatch, capsys):
+    from invariants._cli import main
+    monkeypatch.setenv("HYPOTHESIS_PROFILE", "fastest")
+    assert main(["check", "-q", "--system", "lora_init"]) == 2
+    assert "HYPOTHESIS_PROFILE='fastest': unknown profile" in capsys.readouterr().err
 
 
 def test_seeded_rngs_fixture_is_deterministic(pytester):

@@ -34,6 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from invariants.distributed import metric_reduction
+from reference_models import data_parallel
+
 __all__ = ["EvolvingGoldenConfig", "FIXED", "BROKEN", "ABLATIONS", "NOTE", "run",
            "check_fixed", "check_broken", "CANONICAL"]
 
@@ -163,11 +166,44 @@ class Decoder(nn.Module):
         return x @ w.transpose(1, 2) + self.inner(cx)
 
 
+class _Step(nn.Module):
+    """The training forward as one module (DDP hooks need one ``forward``): the carry (or the
+    learned initial state) -> one encoder step -> the decoder's prediction."""
+
+    def __init__(self, cfg: EvolvingGoldenConfig, enc: Encoder, dec: Decoder):
+        super().__init__()
+        self.cfg, self.enc, self.dec = cfg, enc, dec
+
+    def forward(self, fresh: torch.Tensor, carried: torch.Tensor, demos: torch.Tensor,
+                x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        L, D = cfg.slots, cfg.d_model
+        z0 = F.rms_norm(self.enc.z_init, (D,)).expand(len(x), L, D)
+        z_prev = torch.where(fresh, z0, carried)
+        z, z_e = self.enc(z_prev, demos)                                    # (B, L, D)
+        context = F.layer_norm(z_e, (D,)) if cfg.context_norm else z_e       # Fix 6
+        return self.dec(x, context), z, z_prev
+
+
+def _replicate(t: torch.Tensor, full: int) -> torch.Tensor:
+    """The full batch's rows of ``t`` on every rank: model state (the carry), not a metric,
+    so gathered even under ``metric_reduction(False)`` (every rank's carry stays identical)."""
+    with metric_reduction(True):
+        return data_parallel.gather(t, full=full)
+
+
 def run(cfg: EvolvingGoldenConfig, seed: int, device: torch.device | str = "cpu"
         ) -> dict[str, tuple[list, list]]:
     """Train ``cfg.steps`` steps; curves are means over each ``cfg.log_every`` steps from
-    step ``cfg.log_start`` on."""
+    step ``cfg.log_start`` on.
+
+    Under a process group (``data_parallel.active()``, world size 2 golden runs) every rank
+    draws the same full batch of tasks, trains on its rows through DDP and logs the full
+    batch's metrics (``data_parallel.gather``); the per-task carry is updated from the full
+    batch's new carry on every rank (replicated). Without one, the single-process code.
+    """
     device = torch.device(device)
+    distributed = data_parallel.active()   # DDP over the batch; else the single-process code
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)                  # built on `device` (no CPU detour)
         enc, dec = Encoder(cfg), Decoder(cfg)
@@ -187,6 +223,8 @@ def run(cfg: EvolvingGoldenConfig, seed: int, device: torch.device | str = "cpu"
     carry = torch.zeros((T, L, D), device=device)
     age = torch.zeros(T, dtype=torch.long, device=device)       # 0 = start from z_init
     enc_params, all_params = list(enc.parameters()), [*dec.parameters(), *enc.parameters()]
+    step_fn = data_parallel.wrap(_Step(cfg, enc, dec)) if distributed else None
+    B = cfg.tasks_per_step
     rows = []
     for step in range(cfg.steps):
         warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
@@ -194,23 +232,42 @@ def run(cfg: EvolvingGoldenConfig, seed: int, device: torch.device | str = "cpu"
             g["lr"] = lr * warm
         idx = torch.randperm(T, generator=gen, device=device)[:cfg.tasks_per_step]
         fresh = (age[idx] == 0)[:, None, None]                               # (B, 1, 1)
-        z0 = F.rms_norm(enc.z_init, (D,)).expand(len(idx), L, D)
-        z_prev = torch.where(fresh, z0, carry[idx])
-        noise = cfg.demo_noise * torch.randn((len(idx), cfg.n_demos, X), generator=gen,
-                                             device=device)        # a fresh look each visit
-        z, z_e = enc(z_prev, torch.cat([demo_x[idx], demo_y[idx] + noise], -1))  # (B, L, D)
-        context = F.layer_norm(z_e, (D,)) if cfg.context_norm else z_e       # Fix 6
-        x = torch.randn((len(idx), cfg.queries, X), generator=gen, device=device)
-        y = x @ maps[idx].transpose(1, 2)
-        loss = F.mse_loss(dec(x, context), y)
+        if distributed:      # every rank draws the full batch (same stream), keeps its rows
+            noise = cfg.demo_noise * torch.randn((len(idx), cfg.n_demos, X), generator=gen,
+                                                 device=device)
+            x = torch.randn((len(idx), cfg.queries, X), generator=gen, device=device)
+            demos = torch.cat([demo_x[idx], demo_y[idx] + noise], -1)
+            y = x @ maps[idx].transpose(1, 2)
+            fresh_s, carried_s, demos_s, x_s, y_s = data_parallel.shard(
+                fresh, carry[idx], demos, x, y)
+            pred_s, z_s, z_prev_s = step_fn(fresh_s, carried_s, demos_s, x_s)
+            loss = F.mse_loss(pred_s, y_s)                                   # equal shards
+        else:
+            z0 = F.rms_norm(enc.z_init, (D,)).expand(len(idx), L, D)
+            z_prev = torch.where(fresh, z0, carry[idx])
+            noise = cfg.demo_noise * torch.randn((len(idx), cfg.n_demos, X), generator=gen,
+                                                 device=device)    # a fresh look each visit
+            z, z_e = enc(z_prev, torch.cat([demo_x[idx], demo_y[idx] + noise], -1))
+            context = F.layer_norm(z_e, (D,)) if cfg.context_norm else z_e   # Fix 6
+            x = torch.randn((len(idx), cfg.queries, X), generator=gen, device=device)
+            y = x @ maps[idx].transpose(1, 2)
+            loss = F.mse_loss(dec(x, context), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()                  # under DDP: the gradients are all-reduced here
         with torch.no_grad():
+            if distributed:              # the FULL batch's tensors, same formulas below
+                z = _replicate(z_s, B)                       # the carry: on every rank
+                z_prev = data_parallel.gather(z_prev_s, full=B)
+                z_new = data_parallel.gather(z_s, full=B)
+                loss = F.mse_loss(data_parallel.gather(pred_s, full=B),
+                                  data_parallel.gather(y_s, full=B))
+            else:
+                z_new = z
             g_enc = torch.linalg.vector_norm(
                 torch.stack([torch.linalg.vector_norm(p.grad) for p in enc_params
                              if p.grad is not None]))
             g_all = torch.nn.utils.clip_grad_norm_(all_params, cfg.grad_clip)  # before clip
-            delta = (z - z_prev).norm(dim=-1).mean()
+            delta = (z_new - z_prev).norm(dim=-1).mean()
             change_pct = delta / z_prev.norm(dim=-1).mean()
         opt.step()
         with torch.no_grad():
