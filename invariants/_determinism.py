@@ -49,20 +49,25 @@ def seed_all(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def seeded(seed: int) -> Iterator[int]:
+def seeded(seed: int, *, device: torch.device | str | None = None) -> Iterator[int]:
     """Run the block with every RNG seeded to ``seed``; restore the caller's RNG states after.
 
-    Yields the seed. The CPU torch generator, numpy's and python's are restored (CUDA
-    generators are left as the block leaves them, like ``torch.random.fork_rng(devices=[])``).
+    Yields the seed. The CPU torch generator, numpy's and python's are restored; with a CUDA
+    ``device``, that device's generator is forked too (so a run seeded on a GPU leaves the
+    caller's GPU stream alone); other CUDA generators are left as the block leaves them.
     """
+    device = None if device is None else torch.device(device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device is not None and device.type == "cuda" else []
     saved = (torch.random.get_rng_state(), np.random.get_state(), random.getstate())
-    try:
-        seed_all(seed)
-        yield seed
-    finally:
-        torch.random.set_rng_state(saved[0])
-        np.random.set_state(saved[1])
-        random.setstate(saved[2])
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        try:
+            seed_all(seed)
+            yield seed
+        finally:
+            torch.random.set_rng_state(saved[0])
+            np.random.set_state(saved[1])
+            random.setstate(saved[2])
 
 
 def set_num_threads(n: int) -> None:

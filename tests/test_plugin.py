@@ -44,6 +44,14 @@ def test_device_fixture_and_cuda_request(pytester, monkeypatch):
     result.stdout.fnmatch_lines(["*--device cuda given but torch.cuda.is_available() is False*"])
 
 
+def _profile_env(monkeypatch, env, want) -> None:
+    if env is None:
+        monkeypatch.delenv("HYPOTHESIS_PROFILE", raising=False)
+    else:
+        monkeypatch.setenv("HYPOTHESIS_PROFILE", env)
+    monkeypatch.setenv("WANT_EXAMPLES", str(want))
+
+
 PROFILE_PROBE = """
     import os
     from hypothesis import settings
@@ -58,11 +66,7 @@ PROFILE_PROBE = """
 def test_an_opted_in_suite_gets_ci_and_env_selects(pytester, monkeypatch, env, want):
     pytester.makeini("[pytest]\ninvariants_profile = ci\n")
     pytester.makepyfile(PROFILE_PROBE)
-    if env is None:
-        monkeypatch.delenv("HYPOTHESIS_PROFILE", raising=False)
-    else:
-        monkeypatch.setenv("HYPOTHESIS_PROFILE", env)
-    monkeypatch.setenv("WANT_EXAMPLES", str(want))
+    _profile_env(monkeypatch, env, want)
     pytester.runpytest_subprocess().assert_outcomes(passed=1)
 
 
@@ -82,11 +86,7 @@ def test_a_suite_that_did_not_opt_in_keeps_its_own_hypothesis_setup(pytester, mo
     $HYPOTHESIS_PROFILE naming their profile must not crash pytest."""
     pytester.makeconftest(TEAM_CONFTEST + "    import invariants  # noqa: F401\n")
     pytester.makepyfile(PROFILE_PROBE)
-    if env is None:
-        monkeypatch.delenv("HYPOTHESIS_PROFILE", raising=False)
-    else:
-        monkeypatch.setenv("HYPOTHESIS_PROFILE", env)
-    monkeypatch.setenv("WANT_EXAMPLES", str(want))
+    _profile_env(monkeypatch, env, want)
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(passed=1)
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
@@ -97,8 +97,7 @@ def test_an_opted_in_suite_leaves_a_profile_it_does_not_know_to_hypothesis(pytes
     pytester.makeini("[pytest]\ninvariants_profile = ci\n")
     pytester.makeconftest(TEAM_CONFTEST)
     pytester.makepyfile(PROFILE_PROBE)
-    monkeypatch.setenv("HYPOTHESIS_PROFILE", "theirs")
-    monkeypatch.setenv("WANT_EXAMPLES", "7")    # their conftest's 'ci', untouched by us
+    _profile_env(monkeypatch, "theirs", 7)    # their conftest's 'ci', untouched by us
     pytester.runpytest_subprocess().assert_outcomes(passed=1)
 
 

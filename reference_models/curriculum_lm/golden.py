@@ -1,9 +1,7 @@
-"""Golden runs of seed 002 (``curriculum_lm``): the fixed and the broken collapse run.
+"""Seed 002 golden pair: divergence at the curriculum transition, then one answer
+for every prompt (``collapse.py``).
 
-The runs themselves (task, model, horizon, the fixed/broken configs that differ only in what
-the seed blames, the ablations, the checks and the note) are in ``collapse.py``. The broken
-run must show the seed's downstream collapse as the critical findings below; the fixed run
-must show no finding at all (docs/golden.md, per-seed table).
+The broken run must show BROKEN_SIGNATURES as critical findings, the fixed run none.
 """
 from __future__ import annotations
 

@@ -30,12 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from invariants import NormGovernor, clamp_frobenius, frobenius_norms
+from invariants import NormGovernor, clamp_frobenius, frobenius_norms, seeded
 from invariants.distributed import sum_reduction_scale
 from reference_models import data_parallel
+from reference_models.hyperlora.config import TARGETS
+from reference_models.hyperlora.model import LoRAGRUCell  # the same seed §1.2 cell
 
 SYSTEM = "hyperlora"
-TARGETS = ("xz", "hz", "xr", "hr", "xn", "hn")   # gate weights that receive deltas
 CANONICAL = ("loss", "accuracy", "entropy", "lora_norm", "grad_norm", "lr", "nan_batches")
 
 
@@ -120,26 +121,6 @@ class HyperLoRA(nn.Module):
         return delta
 
 
-class LoRAGRUCell(nn.Module):
-    """GRU cell whose six gate weights take per-sample deltas (seed §1.2's z_t)."""
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        bound = 1.0 / math.sqrt(hidden)
-        self.weight = nn.Parameter(torch.empty(len(TARGETS), hidden, hidden).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.zeros(3, hidden))
-
-    def forward(self, x, h, deltas):                  # x, h: (B, N, H); deltas (B, 6, H, H)
-        wx, wh = self.weight[0::2], self.weight[1::2]
-        dx, dh = deltas[:, 0::2], deltas[:, 1::2]
-        gx = torch.einsum("koi,bni->bkno", wx, x) + torch.einsum("bkoi,bni->bkno", dx, x)
-        gh = torch.einsum("koi,bni->bkno", wh, h) + torch.einsum("bkoi,bni->bkno", dh, h)
-        z = torch.sigmoid(gx[:, 0] + gh[:, 0] + self.bias[0])
-        r = torch.sigmoid(gx[:, 1] + gh[:, 1] + self.bias[1])
-        n = torch.tanh(gx[:, 2] + r * gh[:, 2] + self.bias[2])
-        return (1 - z) * n + z * h
-
-
 class Solver(nn.Module):
     def __init__(self, cfg: HyperLoRAGoldenConfig):
         super().__init__()
@@ -173,11 +154,8 @@ class _GovernedStep(nn.Module):
 # ------------------------------------------------------------------ run
 def _seeded_model(cfg, seed: int, device: torch.device) -> Solver:
     """Parameters initialised on ``device`` from ``seed``; the caller's RNG state is restored."""
-    forked = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=forked, device_type=device.type if forked else "cuda"):
-        torch.manual_seed(seed)
-        with torch.device(device):
-            return Solver(cfg)
+    with seeded(seed, device=device), torch.device(device):
+        return Solver(cfg)
 
 
 def run(cfg: HyperLoRAGoldenConfig, seed: int, device: torch.device | str = "cpu"

@@ -1,9 +1,6 @@
-"""Golden runs of seed 000 (``hyperlora``): the fixed and the broken collapse run.
+"""Seed 000 golden pair: the HyperLoRA runaway and the loss divergence after it (``collapse.py``).
 
-The runs themselves (task, model, horizon, the fixed/broken configs that differ only in what
-the seed blames, the ablations, the checks and the note) are in ``collapse.py``. The broken
-run must show the seed's downstream collapse as the critical findings below; the fixed run
-must show no finding at all (docs/golden.md, per-seed table).
+The broken run must show BROKEN_SIGNATURES as critical findings, the fixed run none.
 """
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from invariants import seeded
 from reference_models import data_parallel
 
 SYSTEM = "lora_init"
@@ -160,11 +161,8 @@ def _batch(cfg, chain, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, 
 
 # ------------------------------------------------------------------ run
 def _build(cfg, seed: int, device: torch.device) -> TinyLM:
-    forked = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=forked, device_type=device.type if forked else "cuda"):
-        torch.manual_seed(seed)
-        with torch.device(device):
-            return TinyLM(cfg)
+    with seeded(seed, device=device), torch.device(device):
+        return TinyLM(cfg)
 
 
 def apply_lora(model: TinyLM, cfg, gen: torch.Generator) -> list[LoraLinear]:
