@@ -234,3 +234,37 @@ def test_device_key_cpu():
 def test_device_key_cuda():
     major, minor = torch.cuda.get_device_capability()
     assert device_key("cuda") == f"cuda-sm{major}{minor}"
+
+
+SWEEP_ROWS = [
+    # (rows as (run, problems?) per seed, holds?)
+    ([("a-fixed", False)] * 5 + [("a-broken", False)] * 5, True),
+    ([("a-fixed", False)] * 5 + [("a-broken", False)] * 4 + [("a-broken", True)], True),
+    ([("a-fixed", False)] * 5 + [("a-broken", False)] * 3 + [("a-broken", True)] * 2, False),
+    ([("a-fixed", False)] * 4 + [("a-fixed", True)] + [("a-broken", False)] * 5, False),
+]
+
+
+@pytest.mark.parametrize("rows, holds", SWEEP_ROWS, ids=["clean", "broken-4-of-5",
+                                                          "broken-3-of-5", "fixed-4-of-5"])
+def test_sweep_verdict_fixed_every_seed_broken_four_of_five(rows, holds):
+    from invariants.golden.cli import sweep_holds
+    assert sweep_holds([{"run": r, "problems": ["x"] if bad else []} for r, bad in rows]) is holds
+
+
+def test_sweep_json_contract(capsys):
+    """One cheap run on two seeds: the {"runs": [{run, seed, device, verdict, findings}]} shape."""
+    import json
+
+    from invariants._cli import main
+    rc = main(["golden", "--run", "staged_modules-broken", "--sweep", "2", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert [(r["run"], r["seed"], r["device"]) for r in doc["runs"]] == [
+        ("staged_modules-broken", 0, "cpu"), ("staged_modules-broken", 1, "cpu")]
+    for row in doc["runs"]:
+        assert row["verdict"] == "collapse" and not row["problems"]
+        assert {"signature", "metric", "severity", "step", "value", "threshold", "message"} <= \
+            set(row["findings"][0])
+        assert any(f["signature"] == "background_collapse" and f["severity"] == "critical"
+                   for f in row["findings"])

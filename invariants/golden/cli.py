@@ -5,14 +5,15 @@
 [--update | --repeat N | --sweep N [--json]]``.
 Exit 0 when every run matches (or was updated), 1 on a mismatch, 2 on bad usage. ``--sweep N``
 runs every selected run on seeds 0..N-1 and reports each one's findings and verdict (the scan
-contract's); exit 1 when a fixed run shows any finding or a broken run misses its documented
-critical collapse on any seed. The runs
+contract's) and its problems; exit 1 when a fixed run shows any finding on any seed, or a
+broken run misses its documented critical collapse on more than 1 seed in 5. The runs
 module is imported by name only when the command runs (``--runs``; the default is
 ``DEFAULT_RUNS_MODULE``).
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -172,4 +173,22 @@ def _cmd_sweep(runs: Sequence[GoldenRun], seeds: int, device: torch.device, *,
                   f"{len(row['findings'])} findings"
                   + (f", first critical at step {first}" if first is not None else "")
                   + ("" if not row["problems"] else "  PROBLEM: " + "; ".join(row["problems"])))
-    return 1 if any(row["problems"] for row in rows) else 0
+    return 0 if sweep_holds(rows) else 1
+
+
+#: a broken run must reproduce its collapse on at least this share of the seeds swept (a chaotic
+#: collapse may miss one seed in five); a fixed run must be clean on every seed
+BROKEN_SEED_SHARE = 0.8
+
+
+def sweep_holds(rows: Sequence[dict]) -> bool:
+    """Every fixed run without a problem on every seed; every broken run without a problem on
+    at least ``BROKEN_SEED_SHARE`` of its seeds."""
+    by_run: dict[str, list[bool]] = {}
+    for row in rows:
+        by_run.setdefault(row["run"], []).append(not row["problems"])
+    for name, ok in by_run.items():
+        broken = name.endswith("-broken")
+        if (sum(ok) < math.ceil(BROKEN_SEED_SHARE * len(ok))) if broken else not all(ok):
+            return False
+    return True
