@@ -24,12 +24,126 @@ def failing_worker(rank: int, world_size: int) -> int:
 
 
 def hanging_worker(rank: int, world_size: int) -> int:
-    """The classic hang: rank 0 waits in a collective that rank 1 never reaches."""
+    """The classic hang: rank 0 waits in a collective that rank 1 never reaches (it sleeps);
+    a rank 2, if any, deadlocks on a lock it already holds."""
+    import threading
     import time
     if rank == 1:
         time.sleep(3600)
+    if rank == 2:
+        lock = threading.Lock()
+        lock.acquire()
+        lock.acquire()
     dist_barrier()
     return rank
+
+
+def failure_modes_worker(rank: int, world_size: int) -> int:
+    """Every way a rank can end badly, one per rank; rank 0 waits in the barrier.
+
+    1 raises, 2 exits with code 3 without raising, 3 is killed by SIGKILL, 4 aborts
+    (SIGABRT, as "terminate called without an active exception" does).
+    """
+    import signal
+    if rank == 1:
+        raise ValueError("rank 1 found a bad shard")
+    if rank == 2:
+        os._exit(3)
+    if rank == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if rank == 4:
+        os.abort()
+    dist_barrier()
+    return rank
+
+
+def burn_cpu(seconds: float) -> None:
+    """Use ``seconds`` of this thread's CPU (however long that takes on a busy machine)."""
+    import time
+    end = time.thread_time() + seconds
+    x = 0
+    while time.thread_time() < end:
+        x += 1
+
+
+def slow_worker(rank: int, world_size: int, bursts: int, cpu_s: float, pause_s: float) -> int:
+    """Slow but alive: rank 0 computes ``cpu_s`` then pauses ``pause_s``, ``bursts`` times,
+    while every other rank waits for it in the barrier (using no CPU)."""
+    import time
+    if rank == 0:
+        for _ in range(bursts):
+            burn_cpu(cpu_s)
+            time.sleep(pause_s)
+    dist_barrier()
+    return rank
+
+
+def pid_file_worker(rank: int, world_size: int, directory: str) -> int:
+    """Write this rank's pid to ``directory/rank<r>.pid`` and sleep (killed from outside)."""
+    import time
+    from pathlib import Path
+    dist_barrier()
+    tmp = Path(directory) / f"rank{rank}.pid.tmp"
+    tmp.write_text(str(os.getpid()))
+    tmp.rename(Path(directory) / f"rank{rank}.pid")
+    time.sleep(3600)
+    return rank
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[int, str, int]]:
+    """``(pid, address, port)`` of every TCP socket in LISTEN state owned by ``pids``
+    (``/proc/net/tcp``/``tcp6`` matched to the processes' descriptors by inode)."""
+    import socket
+    owner = {}
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                owner[link[8:-1]] = pid
+    found = []
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        try:
+            with open(table) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            address, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in owner:  # 0A: LISTEN
+                continue
+            host, port = address.split(":")
+            raw = bytes.fromhex(host)
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # host order
+            found.append((owner[inode], socket.inet_ntop(family, raw), int(port, 16)))
+    return sorted(found)
+
+
+def listeners_worker(rank: int, world_size: int) -> dict:
+    """While the group is up: every listening socket of the parent and of every rank."""
+    import torch
+    import torch.distributed as dist
+    pids = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]
+    dist.all_gather(pids, torch.tensor([os.getpid()]))
+    ranks = [int(p) for p in pids]
+    out = {"parent": os.getppid(), "ranks": ranks,
+           "gloo_ifname": os.environ.get("GLOO_SOCKET_IFNAME"),
+           "listening": listening_sockets([os.getppid()] + ranks) if rank == 0 else []}
+    dist_barrier()  # every rank stays up until rank 0 has looked
+    return out
+
+
+def gone(pid: int) -> bool:
+    """(In the test process) no such process, or a zombie: dead, reaped by its adopter."""
+    from pathlib import Path
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat[stat.rindex(")") + 2] in "ZX"
 
 
 def dist_barrier() -> None:

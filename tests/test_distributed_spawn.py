@@ -1,11 +1,17 @@
-"""spawn_group's contract (a failing rank, a hanging rank: bounded time, no leftovers),
-the public ddp_equivalence path end to end, and bad input — one table.
+"""spawn_group's contract — a failing rank, every way a rank can end badly (each reported
+once, with its exit code or signal and traceback or stacks), a hanging rank (hung = no
+progress, not slow), a slow rank that is NOT hung, the progress rule — the public
+ddp_equivalence path end to end, and bad input: one table. Process hygiene (dying with
+the parent, loopback only, port retries, the plugin's limit, shared groups) is in
+tests/test_distributed_hygiene.py.
 
-Three spawned groups here (~3 s each, plus the 6 s timeout of the hang test);
-everything else runs in this process without a process group.
+Five spawned groups here (~3-5 s each idle; the hang test adds its 3 s ``hang_after``,
+the slow group ~4 s of bursts); everything else runs in this process without a group.
 """
 import math
 import multiprocessing
+import re
+import signal
 import time
 
 import pytest
@@ -16,12 +22,16 @@ from invariants import (CollapseGuard, InvalidArgumentError, InvariantViolation,
                         assert_ranks_agree, ddp_equivalence, ddp_equivalences, ddp_token_mean,
                         spawn_group, sum_reduction_scale)
 from invariants.distributed import metric_reduction, metrics_reduced, shard_batch, shard_bounds
+from invariants.distributed.progress import CpuProgress
+from invariants.distributed.spawn import GroupFailed, GroupHung
 from tests import ddp_workers
+from tests.ddp_workers import gone
 
 
 pytestmark = pytest.mark.distributed
 
 M = "tests.ddp_steps:"
+HANG_AFTER_S = 3.0
 
 
 def _no_leftover_children():
@@ -29,26 +39,101 @@ def _no_leftover_children():
     assert not alive, f"leftover processes: {alive}"
 
 
-# ------------------------------------------------------------------ spawn_group
+# ------------------------------------------------------------------ failures, reported once
 def test_a_failing_rank_is_reported_with_its_traceback_and_the_group_reaped():
-    with pytest.raises(RuntimeError, match=r"(?s)a rank of the 2-process gloo group failed:"
-                                           r".*--- rank1 ---.*ValueError: rank 1 found a bad "
-                                           r"shard"):
-        spawn_group(ddp_workers.failing_worker, 2, timeout=20)
+    with pytest.raises(RuntimeError, match=r"(?s)a rank of the 2-process gloo group failed "
+                                           r"\(rank 1 first\).*--- rank1 ---\nexit code 1 "
+                                           r"\(pid \d+.*ValueError: rank 1 found a bad shard"
+                                           r".*--- rank0 ---\nexit code 1 \(pid \d+") as err:
+        spawn_group(ddp_workers.failing_worker, 2)
+    assert isinstance(err.value, GroupFailed) and "no traceback captured" not in str(err.value)
+    assert [r.exitcode for r in err.value.ranks] == [1, 1]
     _no_leftover_children()
+
+
+# rank: (how it ends, its status line, what its report shows instead of "no traceback")
+FAILURE_MODES = {
+    0: ("waits in the barrier", r"exit code 1 \(pid \d+|stopped by spawn_group",
+        r"Connection closed by peer|barrier"),
+    1: ("raises", r"exit code 1 \(pid \d+", r"ValueError: rank 1 found a bad shard"),
+    2: ("os._exit(3)", r"exit code 3 \(pid \d+", r"no Python traceback: it exited without "
+                                                  r"raising \(os._exit\)"),
+    3: ("SIGKILL", r"killed by signal SIGKILL \(pid \d+", r"no Python traceback: a signal "
+                                                           r"killed it"),
+    4: ("abort()", r"killed by signal SIGABRT \(pid \d+", r"(?s)Fatal Python error: Aborted.*"
+                                                           r"in failure_modes_worker"),
+}
+
+
+def test_every_way_a_rank_ends_badly_is_reported_once_with_its_exit_code_or_signal():
+    with pytest.raises(GroupFailed) as err:
+        spawn_group(ddp_workers.failure_modes_worker, len(FAILURE_MODES))
+    text = str(err.value)
+    sections = text.split("--- rank")[1:]
+    assert sorted(int(sec.split(" ")[0]) for sec in sections) == sorted(FAILURE_MODES), text
+    for rank, (how, status, shows) in FAILURE_MODES.items():
+        (section,) = [sec for sec in sections if sec.startswith(f"{rank} ---")]
+        assert re.search(status, section), (how, section)
+        assert re.search(shows, section), (how, section)
+    assert "no traceback captured" not in text
+    assert all(gone(r.pid) for r in err.value.ranks)
+    _no_leftover_children()
+
+
+# ------------------------------------------------------------------ hangs, not speed limits
+# rank: (where it is stuck, a frame its stack must show)
+HANG_MODES = {0: ("in a barrier rank 1 never reaches", "in barrier"),
+              1: ("asleep", "in hanging_worker"),
+              2: ("deadlocked on its own lock", "in hanging_worker")}
 
 
 def test_a_hanging_rank_times_out_in_bounded_time_and_every_process_is_killed():
     started = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"did not finish in 6s .* all processes were "
-                                           r"killed"):
-        spawn_group(ddp_workers.hanging_worker, 2, timeout=6)
-    assert time.monotonic() - started < 6 + 10  # the deadline, then terminate/kill + join
+    with pytest.raises(TimeoutError, match=rf"hung: no rank made progress \(used CPU\) for "
+                                           rf"{HANG_AFTER_S:g}s; every process was stopped"
+                       ) as err:
+        spawn_group(ddp_workers.hanging_worker, len(HANG_MODES), hang_after=HANG_AFTER_S)
+    # start-up (seconds, longer on a busy machine), the hang interval, the stacks, the kill
+    assert time.monotonic() - started < HANG_AFTER_S + 60
+    assert isinstance(err.value, GroupHung)
+    for report in err.value.ranks:
+        where, frame = HANG_MODES[report.rank]
+        assert report.stopped == "the group hung" and report.exitcode == -signal.SIGKILL, where
+        assert frame in report.stack, (where, report.stack)
+        assert gone(report.pid), where
     _no_leftover_children()
 
 
+def test_a_slow_rank_that_keeps_computing_is_not_hung():
+    """Rank 0 computes in bursts for several times ``hang_after`` while rank 1 waits in the
+    barrier using no CPU: slow, never hung (the old fixed limits failed such groups)."""
+    started = time.monotonic()
+    assert spawn_group(ddp_workers.slow_worker, 2, 8, 0.1, 0.5, hang_after=HANG_AFTER_S) == [0, 1]
+    assert time.monotonic() - started > HANG_AFTER_S + 1  # 8 x 0.5 s of pauses alone
+
+
+# readings (seconds since start, CPU seconds) -> which of them are progress marks
+PROGRESS_TABLE = {
+    "first reading": ([(0, 1.0)], [True]),
+    "computing": ([(0, 1.0), (0.5, 1.2), (1.0, 1.4)], [True, True, True]),
+    "a waiting rank's trickle (3 ms/s)": ([(t, 1.0 + 0.003 * t) for t in range(0, 61, 1)],
+                                          [True] + [False] * 60),
+    "a quarter of a core (busy machine)": ([(0, 1.0), (0.5, 1.125), (1.0, 1.25)],
+                                           [True, True, True]),
+    "1 % of a core: 50 ms within the window": ([(0, 1.0), (4.9, 1.049), (4.95, 1.05)],
+                                              [True, False, True]),
+    "below 1 %: the window closes first": ([(0, 1.0), (5.0, 1.04), (9.9, 1.08), (10.0, 1.0901)],
+                                          [True, False, False, True]),
+}
+
+
+@pytest.mark.parametrize("case", list(PROGRESS_TABLE))
+def test_progress_is_cpu_used_within_a_window(case):
+    readings, marks = PROGRESS_TABLE[case]
+    progress = CpuProgress()
+    assert [progress.update(t, cpu) for t, cpu in readings] == marks
 def test_ddp_equivalence_public_path_lora_init():
-    single, per_rank = ddp_equivalence(M + "lora_init_step", timeout=25)
+    single, per_rank = ddp_equivalence(M + "lora_init_step")
     assert float(single["grad_norm_before_clip"]) > 0.05, "the clip must bind"
     assert len(per_rank) == 2
     assert_ddp_step_equivalent(single, per_rank)
@@ -129,6 +214,13 @@ BAD_INPUT = [
      r"timeout=0: must be a finite number > 0"),
     ("spawn_timeout_nan", lambda: spawn_group(ddp_workers.failing_worker, 2, timeout=math.nan),
      r"timeout=nan: must be a finite number > 0"),
+    ("spawn_hang_after_zero", lambda: spawn_group(ddp_workers.failing_worker, 2, hang_after=0),
+     r"hang_after=0: must be a finite number > 0"),
+    ("spawn_hang_after_inf", lambda: spawn_group(ddp_workers.failing_worker, 2,
+                                                 hang_after=math.inf),
+     r"hang_after=inf: must be a finite number > 0"),
+    ("spawn_unpicklable", lambda: spawn_group(ddp_workers.failing_worker, 2, lambda: 0),
+     r"fn, args=.*: must be picklable for a spawned process"),
     ("agree_op", lambda: agree_across_ranks(True, op="sum"), r"op='sum': must be 'any' or 'all'"),
     ("guard_type", lambda: RankConsistentGuard(object()), r"guard=.*: must be a CollapseGuard"),
     ("factory_no_colon", lambda: ddp_equivalence("tests.ddp_steps"),

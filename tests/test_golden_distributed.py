@@ -10,14 +10,16 @@ Spawning costs 3-5 s and the ten runs cost ~15 s under DDP, so TWO spawned group
 (session fixtures) run everything: group A the eight runs of four systems plus the
 unreduced variant of one run per system, group B curriculum_lm's two runs (240 and
 ~100 steps of a GRU, the slowest) plus its unreduced run. Two groups rather than one
-keep every test under 30 s and let pytest-xdist's two workers run them side by side;
-each group is shared across the workers through a file lock. Every other test judges
-the recorded curves without spawning, except the CLI test (one short run).
+let pytest-xdist's two workers run them side by side; each group is shared across the
+workers through a file lock (``tests/shared_group.py``). The groups are watched for
+hangs (no rank making progress for ``spawn_group``'s ``hang_after``), not timed: on a
+busy machine they take longer and still pass; ``GROUP_BACKSTOP_S`` is only an overall
+backstop. A failed group is reported once, in full, by the first test that reads it;
+the others skip, naming that test. Every other test judges the recorded curves without
+spawning, except the CLI test (one short run).
 """
-import fcntl
 import json
 import multiprocessing
-import os
 import re
 import time
 from dataclasses import replace
@@ -33,11 +35,12 @@ from invariants.golden import (assert_ranks_logged_same_curves, execute_distribu
 from invariants._cli import main as cli_main
 from reference_models import data_parallel
 from reference_models.golden_runs import DISTRIBUTED_HORIZONS, RUNS
+from tests.shared_group import group_value, shared_outcome
 
 pytestmark = [pytest.mark.distributed, pytest.mark.golden]
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
-GROUP_TIMEOUT_S = 27
+GROUP_BACKSTOP_S = 900
 BY_NAME = {r.name: r for r in RUNS}
 SYSTEMS = ("hyperlora", "staged_modules", "curriculum_lm", "lora_init", "evolving_context")
 # one run per system without the metric reduction (the cheapest of the two)
@@ -54,34 +57,28 @@ def _run_group(group: str) -> dict:
     started = time.monotonic()
     reduced, broken = execute_distributed_jobs(
         [([BY_NAME[n] for n in names], True), ([BY_NAME[n] for n in unreduced], False)],
-        2, timeout=GROUP_TIMEOUT_S)
+        2, timeout=GROUP_BACKSTOP_S)
     return {"reduced": reduced, "unreduced": broken, "seconds": time.monotonic() - started}
 
 
-def _shared(tmp_path_factory, group: str) -> dict:
-    """Spawned once per session, across xdist workers (file lock + JSON in the base temp)."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return _run_group(group)
-    shared = tmp_path_factory.getbasetemp().parent
-    with open(shared / f"golden_ws2_{group}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            path = shared / f"golden_ws2_{group}.json"
-            if not path.exists():
-                path.write_text(json.dumps(_run_group(group)))
-            return json.loads(path.read_text())
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+@pytest.fixture(scope="session")
+def group_a_outcome(tmp_path_factory) -> dict:
+    return shared_outcome(tmp_path_factory, "golden_ws2_A", lambda: _run_group("A"))
 
 
 @pytest.fixture(scope="session")
-def group_a(tmp_path_factory) -> dict:
-    return _shared(tmp_path_factory, "A")
+def group_b_outcome(tmp_path_factory) -> dict:
+    return shared_outcome(tmp_path_factory, "golden_ws2_B", lambda: _run_group("B"))
 
 
-@pytest.fixture(scope="session")
-def group_b(tmp_path_factory) -> dict:
-    return _shared(tmp_path_factory, "B")
+@pytest.fixture
+def group_a(group_a_outcome, request, tmp_path_factory) -> dict:
+    return group_value(group_a_outcome, request, tmp_path_factory)
+
+
+@pytest.fixture
+def group_b(group_b_outcome, request, tmp_path_factory) -> dict:
+    return group_value(group_b_outcome, request, tmp_path_factory)
 
 
 @pytest.fixture
@@ -168,8 +165,9 @@ def test_unreduced_batch_metrics_are_the_shards_and_replicated_metrics_still_agr
     hyper = _curves(ws2("hyperlora-broken")[1])
     assert hyper[0]["loss"][1][0] != hyper[1]["loss"][1][0]       # each rank: its 8 rows
     lora = _curves(ws2("lora_init-fixed")[1])
-    assert lora[0]["kl_from_base"] == lora[1]["kl_from_base"]   # the probe batch: replicated
-    assert lora[0]["loss"][1][0] != lora[1]["loss"][1][0]
+    assert lora[0]["kl_to_base"] == lora[1]["kl_to_base"]       # the probe batch: replicated
+    first_finetune = lora[0]["train_loss"][0].index(30)         # pretraining: same on every rank
+    assert lora[0]["train_loss"][1][first_finetune] != lora[1]["train_loss"][1][first_finetune]
     staged = _curves(ws2("staged_modules-fixed")[1])
     assert staged[0]["accuracy"] == staged[1]["accuracy"]       # the held-out set: replicated
 
@@ -186,29 +184,32 @@ def _perturbed(per_rank, metric, index, factor):
 
 
 def test_a_deviation_beyond_the_distributed_tolerance_is_reported(ws2, tmp_path):
-    run = BY_NAME["evolving_context-fixed"]
-    tol = run.distributed_tolerance("z_e_step_change")
-    per_rank = _perturbed(ws2(run.name)[0], "z_e_step_change", 40, 1 + 3 * tol.rtol)
-    with pytest.raises(InvariantViolation, match=r"\(cpu, world size 2, rank 0\).*"
-                       r"z_e_step_change: 1/100 points outside tolerance; worst at step 40"):
+    run = BY_NAME["lora_init-fixed"]
+    tol = run.distributed_tolerance("val_loss")
+    per_rank = _perturbed(ws2(run.name)[0], "val_loss", 5, 1 + 3 * tol.rtol)
+    steps = per_rank[0]["val_loss"][0]
+    with pytest.raises(InvariantViolation, match=rf"\(cpu, world size 2, rank 0\).*"
+                       rf"val_loss: 1/{len(steps)} points outside tolerance; worst at step "
+                       rf"{steps[5]}"):
         try:
             assert_matches_golden(run, GOLDEN_DIR, output_dir=tmp_path, world_size=2,
                                   per_rank=per_rank)
         except InvariantViolation as exc:   # re-raise with the header folded in, for `match`
             raise InvariantViolation(str(exc).replace("\n", " ")) from None
-    assert (tmp_path / "evolving_context-fixed.cpu.ws2.obtained.json").exists()
+    assert (tmp_path / "lora_init-fixed.cpu.ws2.obtained.json").exists()
 
 
 def test_an_excluded_metric_is_not_compared_and_its_reason_is_printed(ws2, tmp_path):
     run = BY_NAME["lora_init-fixed"]
     per_rank = _perturbed(ws2(run.name)[0], "entropy", 5, 1.5)
-    with pytest.raises(InvariantViolation, match="entropy: 1/31 points outside tolerance"):
+    points = len(per_rank[0]["entropy"][0])
+    with pytest.raises(InvariantViolation, match=f"entropy: 1/{points} points outside tolerance"):
         assert_matches_golden(run, GOLDEN_DIR, output_dir=tmp_path, world_size=2,
                               per_rank=per_rank)
     excluded = replace(run, distributed_exclusions={"entropy": "test: pretend it cannot match"})
     assert_matches_golden(excluded, GOLDEN_DIR, output_dir=tmp_path, world_size=2,
                           per_rank=per_rank)
-    both = _perturbed(per_rank, "loss", 0, 2.0)
+    both = _perturbed(per_rank, "val_loss", 0, 2.0)
     with pytest.raises(InvariantViolation, match="entropy: excluded from the world-size-2 "
                                                  "comparison: test: pretend it cannot match"):
         assert_matches_golden(excluded, GOLDEN_DIR, output_dir=tmp_path, world_size=2,
@@ -227,23 +228,32 @@ def test_the_horizon_limits_the_curve_comparison_but_not_the_mechanism(ws2, tmp_
     horizon = DISTRIBUTED_HORIZONS[run.name][0]
     per_rank = _curves(ws2(run.name)[0])
     # the tail really deviates (that is why there is a horizon)...
-    without = replace(run, distributed_horizon=None)
-    with pytest.raises(InvariantViolation, match=r"grad_norm: \d+/50 points outside tolerance"):
+    without = replace(run, distributed_horizon=None, distributed_chaotic="")
+    steps = per_rank[0]["grad_norm"][0]
+    with pytest.raises(InvariantViolation,
+                       match=rf"grad_norm: \d+/{len(steps)} points outside tolerance"):
         assert_matches_golden(without, GOLDEN_DIR, output_dir=tmp_path, world_size=2,
                               per_rank=per_rank)
     # ...a change before the horizon is still caught...
-    with pytest.raises(InvariantViolation, match=rf"loss: 1/{horizon} points outside tolerance; "
-                                                 rf"worst at step {horizon - 1}"):
+    early = [i for i, st in enumerate(steps) if st < horizon]
+    with pytest.raises(InvariantViolation, match=rf"loss: 1/{len(early)} points outside "
+                                                 rf"tolerance; worst at step {steps[early[-1]]}"):
         assert_matches_golden(run, GOLDEN_DIR, output_dir=tmp_path, world_size=2,
-                              per_rank=_perturbed(per_rank, "loss", horizon - 1, 1.001))
-    # ...and after it, the run's own check still has to hold
-    calm = _curves(per_rank)
-    for rank in calm:
-        rank["lora_norm"] = (rank["lora_norm"][0],
-                             [v if s < horizon else 0.5 for s, v in zip(*rank["lora_norm"])])
-    with pytest.raises(InvariantViolation, match="the run's own check fails.*runaway"):
+                              per_rank=_perturbed(per_rank, "loss", early[-1], 1.001))
+    # ...after it, a run's own check still has to hold (rank 0's tail does not show the
+    # collapse: 0.864 accuracy against a best of 0.920) ...
+    steady = replace(run, distributed_chaotic="")
+    with pytest.raises(InvariantViolation, match="the run's own check fails"):
+        assert_matches_golden(steady, GOLDEN_DIR, output_dir=tmp_path, world_size=2,
+                              per_rank=per_rank)
+    # ... unless the run documents, from measurement, that its tail is chaotic: then only
+    # what precedes the horizon is asserted, and the comparison says so when it fails
+    assert run.distributed_chaotic
+    assert_matches_golden(run, GOLDEN_DIR, output_dir=tmp_path, world_size=2,
+                          per_rank=per_rank)
+    with pytest.raises(InvariantViolation, match=rf"beyond step {horizon} not asserted"):
         assert_matches_golden(run, GOLDEN_DIR, output_dir=tmp_path, world_size=2,
-                              per_rank=calm)
+                              per_rank=_perturbed(per_rank, "loss", early[-1], 1.001))
 
 
 BAD_ARGUMENTS = {
@@ -322,17 +332,17 @@ def test_sharded_dropout_draws_the_single_process_mask():
 # ------------------------------------------------------- 5. the CLI and the processes
 def test_cli_world_size_2_compares_prints_deviations_and_refuses_update(capsys):
     code = cli_main(["golden", "--world-size", "2", "--run", "lora_init-broken",
-                     "--deviations", "--timeout", "25"])
+                     "--deviations", "--timeout", str(GROUP_BACKSTOP_S)])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "lora_init-broken (cpu, world size 2): matches golden; every rank logged the same " \
            "curves" in out
-    assert re.search(r"accuracy\s+bit-identical", out), out
-    assert re.search(r"kl_from_base\s+differs\s+max \|diff\|", out), out
+    assert re.search(r"val_accuracy\s+bit-identical", out), out
+    assert re.search(r"kl_to_base\s+differs\s+max \|diff\|", out), out
     code = cli_main(["golden", "--world-size", "2", "--update"])
     assert code != 0 and "--update" in capsys.readouterr().err
 
 
 def test_no_rank_process_outlives_the_groups(group_a, group_b):
-    assert group_a["seconds"] < GROUP_TIMEOUT_S and group_b["seconds"] < GROUP_TIMEOUT_S
+    assert group_a["seconds"] < GROUP_BACKSTOP_S and group_b["seconds"] < GROUP_BACKSTOP_S
     assert multiprocessing.active_children() == []

@@ -2,8 +2,12 @@
 
 The machinery behind the distributed checks, one concern per module:
 
-* ``spawn``: ``spawn_group`` (a gloo group of spawned processes on a free loopback port,
-  with a hard timeout, always reaped);
+* ``spawn``: ``spawn_group`` (a gloo group of spawned processes on loopback, watched for
+  hangs by heartbeats rather than timed, every rank reported once, always reaped;
+  ``GroupFailed`` / ``GroupHung``), with its parts ``rank`` (what runs in a rank:
+  heartbeat, dying with the parent, fault stacks), ``rendezvous`` (the store, served by
+  the parent on 127.0.0.1 only) and ``progress`` (the one "made progress" rule, which the
+  pytest plugin's ``distributed`` time limit reads too);
 * ``shard``: ``shard_batch`` / ``shard_bounds``, the one way a batch is split over ranks;
 * ``reduction``: the metric-reduction switch the library owns (``metrics_reduced``,
   ``metric_reduction``) and DDP-correct losses (``sum_reduction_scale``, ``ddp_token_mean``);

@@ -21,7 +21,7 @@ from invariants._determinism import one_thread
 from invariants._errors import InvalidArgumentError
 from invariants._validate import require
 from invariants.distributed.shard import shard_batch
-from invariants.distributed.spawn import spawn_group
+from invariants.distributed.spawn import HANG_AFTER_S, spawn_group
 
 __all__ = ["StepSpec", "ddp_equivalence", "ddp_equivalences", "run_ddp_jobs"]
 
@@ -177,22 +177,26 @@ def single_process_state(job: Any) -> dict[str, torch.Tensor]:
 
 
 def ddp_equivalence(factory: str, *, reference: str | None = None, seed: int = 0,
-                    world_size: int = 2, clip: str = "global", timeout: float = 60.0
+                    world_size: int = 2, clip: str = "global", timeout: float | None = None,
+                    hang_after: float = HANG_AFTER_S
                     ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     """(single-process state, per-rank DDP states) for one step of ``factory(seed)``.
 
     ``reference`` (default: ``factory``) builds the single-process step, e.g. the
-    non-checkpointed model when ``factory`` checkpoints. One spawned group.
+    non-checkpointed model when ``factory`` checkpoints. One spawned group;
+    ``timeout`` and ``hang_after`` as in ``spawn_group``.
     """
     job = {"factory": factory, "reference": reference or factory, "seed": seed, "clip": clip}
-    return ddp_equivalences({"job": job}, world_size=world_size, timeout=timeout)["job"]
+    return ddp_equivalences({"job": job}, world_size=world_size, timeout=timeout,
+                            hang_after=hang_after)["job"]
 
 
 def _jobs_worker(rank: int, world_size: int, jobs: dict, capture_errors: bool) -> dict:
     return run_ddp_jobs(rank, world_size, jobs, capture_errors=capture_errors)
 
 
-def ddp_equivalences(jobs: Mapping[str, Any], *, world_size: int = 2, timeout: float = 60.0,
+def ddp_equivalences(jobs: Mapping[str, Any], *, world_size: int = 2,
+                     timeout: float | None = None, hang_after: float = HANG_AFTER_S,
                      capture_errors: bool = False
                      ) -> dict[str, tuple[dict[str, torch.Tensor], list[dict[str, Any]]]]:
     """Several ``ddp_equivalence`` jobs in ONE spawned group: name -> (single, per_rank).
@@ -210,5 +214,5 @@ def ddp_equivalences(jobs: Mapping[str, Any], *, world_size: int = 2, timeout: f
         shard_batch(spec.batch, 0, world_size, equal=True)
         singles[name] = single_process_state(job)
     per_rank = spawn_group(_jobs_worker, world_size, normalised, capture_errors,
-                           timeout=timeout)
+                           timeout=timeout, hang_after=hang_after)
     return {name: (singles[name], [r[name] for r in per_rank]) for name in normalised}

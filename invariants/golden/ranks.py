@@ -22,7 +22,7 @@ from invariants._assertions import invariant_check
 from invariants._errors import InvariantViolation
 from invariants._validate import require
 from invariants.distributed.reduction import metric_reduction
-from invariants.distributed.spawn import spawn_group
+from invariants.distributed.spawn import HANG_AFTER_S, spawn_group
 from invariants.golden.run import (DEFAULT_RUNS_MODULE, Curves, GoldenError, GoldenRun, execute,
                                    load_runs)
 
@@ -47,9 +47,10 @@ def _golden_rank_worker(rank: int, world_size: int, runs_module: str,
                                        for m, (st, vals) in curves.items()}
         out.append(curves_of)
     # Free the runs' DDP reducers while the group is alive, and leave together: a rank
-    # that tears the group down (rank 0 hosts the store) while the other is still in
-    # its last collective or its teardown made a rank die in C++ ("terminate called
-    # without an active exception"), observed a few times in 20-odd groups.
+    # that tore the group down while the other was still in its last collective or its
+    # teardown made a rank die in C++ ("terminate called without an active exception"),
+    # observed a few times in 20-odd groups when rank 0 hosted the store (the parent
+    # hosts it now, see invariants/distributed/rendezvous.py).
     gc.collect()
     dist.barrier()
     return out
@@ -57,8 +58,8 @@ def _golden_rank_worker(rank: int, world_size: int, runs_module: str,
 
 def execute_distributed(runs: Sequence[GoldenRun], world_size: int = 2, *,
                         runs_module: str = DEFAULT_RUNS_MODULE, device: torch.device | str = "cpu",
-                        timeout: float = 120.0, reduce_metrics: bool = True
-                        ) -> dict[str, list[Curves]]:
+                        timeout: float | None = None, reduce_metrics: bool = True,
+                        hang_after: float = HANG_AFTER_S) -> dict[str, list[Curves]]:
     """Run golden runs on ``world_size`` gloo ranks (one spawned group for all of them).
 
     The ranks import ``runs_module`` and look the runs up by name (a run's ``fn`` is a
@@ -66,16 +67,18 @@ def execute_distributed(runs: Sequence[GoldenRun], world_size: int = 2, *,
     from the caller's is a GoldenError. The training functions go data-parallel under
     the process group (e.g. ``reference_models/data_parallel.py``). Returns
     ``{run name: [rank 0 curves, rank 1 curves, ...]}``. ``reduce_metrics=False`` is the
-    broken variant (every rank logs its own shard's metrics), for tests.
+    broken variant (every rank logs its own shard's metrics), for tests. ``timeout`` (an
+    optional overall backstop) and ``hang_after`` (seconds without progress from any
+    rank) are ``spawn_group``'s.
     """
     return execute_distributed_jobs([(runs, reduce_metrics)], world_size, runs_module=runs_module,
-                                    device=device, timeout=timeout)[0]
+                                    device=device, timeout=timeout, hang_after=hang_after)[0]
 
 
 def execute_distributed_jobs(jobs: Sequence[tuple[Sequence[GoldenRun], bool]],
                              world_size: int = 2, *, runs_module: str = DEFAULT_RUNS_MODULE,
-                             device: torch.device | str = "cpu", timeout: float = 120.0
-                             ) -> list[dict[str, list[Curves]]]:
+                             device: torch.device | str = "cpu", timeout: float | None = None,
+                             hang_after: float = HANG_AFTER_S) -> list[dict[str, list[Curves]]]:
     """Several ``(runs, reduce_metrics)`` jobs in ONE spawned group (spawning costs seconds)."""
     require(isinstance(world_size, int) and not isinstance(world_size, bool) and world_size >= 2,
             "world_size", world_size, "must be an integer >= 2 (world size 1 is _execute)")
@@ -89,7 +92,7 @@ def execute_distributed_jobs(jobs: Sequence[tuple[Sequence[GoldenRun], bool]],
                                   "with the same config; the ranks could not run it")
     payload = [([r.name for r in runs], bool(reduce)) for runs, reduce in jobs]
     per_rank = spawn_group(_golden_rank_worker, world_size, runs_module, payload, str(device),
-                           timeout=timeout)
+                           timeout=timeout, hang_after=hang_after)
     return [{name: [{m: (list(st), list(vals)) for m, (st, vals) in ranks[j][name].items()}
                     for ranks in per_rank] for name in names}
             for j, (names, _) in enumerate(payload)]
