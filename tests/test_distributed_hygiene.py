@@ -216,3 +216,29 @@ def test_the_plugin_time_limit_fails_a_hang_not_a_slow_test(pytester, monkeypatc
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["*TimeoutError*test_sleeps: distributed test exceeded 2s "
                                  "without progress*"])
+
+
+FAILING_RUNS = '''
+from invariants import GoldenRun
+
+
+def _boom(seed, device):
+    raise RuntimeError("rank blew up on purpose")
+
+
+RUNS = (GoldenRun(name="boom-fixed", fn=_boom, config={"boom": 1}),)
+'''
+
+
+@pytest.mark.distributed(timeout=120)
+def test_a_failed_golden_group_is_one_clear_report_not_a_traceback(tmp_path, monkeypatch,
+                                                                   capsys):
+    from invariants._cli import main
+    (tmp_path / "boom_runs.py").write_text(FAILING_RUNS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT}")
+    code = main(["golden", "--runs", "boom_runs", "--world-size", "2"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.startswith("invariants golden: the world-size-2 group did not complete"), err
+    assert "rank blew up on purpose" in err and "--- rank0 ---" in err and "--- rank1 ---" in err, err

@@ -13,6 +13,7 @@ module is imported by name only when the command runs (``--runs``; the default i
 from __future__ import annotations
 
 import json
+import sys
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 
 from invariants._errors import InvalidArgumentError, InvariantViolation
 from invariants._validate import require
+from invariants.distributed.spawn import GroupFailed, GroupHung
 from invariants.golden.compare import assert_matches_golden, distributed_deviations, run_spread
 from invariants.golden.ranks import execute_distributed
 from invariants.golden.run import (DEFAULT_RUNS_MODULE, GoldenRun, device_key, execute, load_runs,
@@ -51,8 +53,9 @@ def register(subparsers) -> None:
     p.add_argument("--deviations", action="store_true",
                    help="with --world-size >= 2: print each metric's largest deviation from "
                         "the golden (to set distributed_tolerances from measurement)")
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="with --world-size >= 2: seconds for the whole group (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="with --world-size >= 2: an overall backstop in seconds (default: none; "
+                        "a group is failed when no rank makes progress for 120 s)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--update", action="store_true",
                        help="rewrite golden/<run>/<this device key>.json (other keys untouched)")
@@ -104,8 +107,13 @@ def _cmd_golden_distributed(args, runs: Sequence[GoldenRun], device: torch.devic
     for flag, value in (("--update", args.update), ("--repeat", args.repeat)):
         require(not value, flag, value, "is for world size 1 (the golden is the single-process "
                 "run); with --world-size >= 2 the runs are compared with it")
-    per_run = execute_distributed(runs, args.world_size, runs_module=args.runs, device=device,
-                                  timeout=args.timeout)
+    try:
+        per_run = execute_distributed(runs, args.world_size, runs_module=args.runs,
+                                      device=device, timeout=args.timeout)
+    except (GroupFailed, GroupHung) as exc:   # the report names every rank: no traceback
+        print(f"invariants golden: the world-size-{args.world_size} group did not complete; "
+              f"no run was compared:\n{exc}", file=sys.stderr)
+        return 1
     failed = 0
     for run in runs:
         label = f"{run.name} ({device_key(device)}, world size {args.world_size})"
