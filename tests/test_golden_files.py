@@ -101,9 +101,16 @@ def _norm_run(kind, peak, signatures=()):
 
 @pytest.mark.parametrize("run,match", [
     (_norm_run("fixed", 2.5), r"the fixed run shows collapse signatures: .*lora_norm_kill"),
+    # a warning is a finding too: a fixed run must leave a guard that is switched on silent
+    (_norm_run("fixed", 1.2), r"the fixed run shows collapse signatures: .*'warning'"),
     (_norm_run("broken", 0.9, (("lora_norm_kill", "lora_norm"),)),
-     r"documented signatures are missing: \[\('lora_norm_kill', 'lora_norm'\)\]"),
-], ids=["fixed run collapses", "broken run shows nothing"])
+     r"documented collapse is missing \(as critical findings\): "
+     r"\[\('lora_norm_kill', 'lora_norm'\)\]"),
+    # a broken run whose documented signature shows only as a warning has not collapsed
+    (_norm_run("broken", 1.2, (("lora_norm", "lora_norm"),)),
+     r"documented collapse is missing \(as critical findings\): \[\('lora_norm', 'lora_norm'\)\]"),
+], ids=["fixed run collapses", "fixed run warns", "broken run shows nothing",
+        "broken run only warns"])
 def test_refuses_to_record_a_run_that_does_not_behave_as_documented(tmp_path, run, match):
     with pytest.raises(GoldenError, match=r"(?s)refusing to record a golden .*" + match):
         record_golden(run, tmp_path)
