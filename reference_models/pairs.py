@@ -54,12 +54,14 @@ def ablation_table(system: str, seeds: int) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_pair(system: str, path: str, seed: int = 0) -> str:
+def plot_pair(system: str, path: str, seed: int | None = None) -> str:
+    """The pair on ``seed`` (default: the seed its goldens are recorded on)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    collapse, _ = _modules(system)
+    collapse, golden = _modules(system)
+    seed = golden.RUNS[0].seed if seed is None else seed
     runs = {}
     for kind in ("fixed", "broken"):
         with deterministic(seed):            # as a golden run executes (one thread, flags)
