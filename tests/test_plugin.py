@@ -72,13 +72,13 @@ def test_an_opted_in_suite_gets_ci_and_env_selects(pytester, monkeypatch, env, w
 
 TEAM_CONFTEST = """
     from hypothesis import settings
-    settings.register_profile("ci", max_examples=7, derandomize=False)
-    settings.register_profile("theirs", max_examples=3)
+    settings.register_profile("ci", max_examples=17, derandomize=False)
+    settings.register_profile("theirs", max_examples=13)
     settings.load_profile("ci")
 """
 
 
-@pytest.mark.parametrize("env, want", [(None, 7), ("ci", 7), ("theirs", 7)])
+@pytest.mark.parametrize("env, want", [(None, 17), ("ci", 17), ("theirs", 17)])
 def test_a_suite_that_did_not_opt_in_keeps_its_own_hypothesis_setup(pytester, monkeypatch,
                                                                     env, want):
     """A team loads its own 'ci' profile in its conftest: installing the harness (and
@@ -97,7 +97,7 @@ def test_an_opted_in_suite_leaves_a_profile_it_does_not_know_to_hypothesis(pytes
     pytester.makeini("[pytest]\ninvariants_profile = ci\n")
     pytester.makeconftest(TEAM_CONFTEST)
     pytester.makepyfile(PROFILE_PROBE)
-    _profile_env(monkeypatch, "theirs", 7)    # their conftest's 'ci', untouched by us
+    _profile_env(monkeypatch, "theirs", 17)   # their conftest's 'ci', untouched by us
     pytester.runpytest_subprocess().assert_outcomes(passed=1)
 
 
