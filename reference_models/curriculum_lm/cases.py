@@ -2,6 +2,8 @@
 """
 from __future__ import annotations
 
+from functools import partial
+
 from dataclasses import replace
 from typing import Callable
 
@@ -188,8 +190,7 @@ def _check_p9(make: Callable[[], CurriculumLMConfig]) -> None:
     p9()
 
 
-def _case(inv, variant, expected, subject, check, title):
-    return Case(SYSTEM, inv, variant, expected, subject, check, title)
+_case = partial(Case, SYSTEM)  # (inv, variant, expected, subject, check, title)
 
 
 def cases() -> list[Case]:

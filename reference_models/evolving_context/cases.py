@@ -2,6 +2,8 @@
 """
 from __future__ import annotations
 
+from functools import partial
+
 import functools
 from dataclasses import replace
 from typing import Any, Callable
@@ -206,8 +208,7 @@ def _check_e6(make: Callable[[], EvolvingContextConfig]) -> None:
     e6()
 
 
-def _case(inv, variant, expected, subject, check, title):
-    return Case(SYSTEM, inv, variant, expected, subject, check, title)
+_case = partial(Case, SYSTEM)  # (inv, variant, expected, subject, check, title)
 
 
 def cases() -> list[Case]:

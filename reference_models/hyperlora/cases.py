@@ -2,6 +2,8 @@
 """
 from __future__ import annotations
 
+from functools import partial
+
 from dataclasses import replace
 from typing import Callable
 
@@ -170,8 +172,7 @@ def _check_h7(make: Callable[[], HyperLoRAConfig]) -> None:
         h7()
 
 
-def _case(inv, variant, expected, subject, check, title):
-    return Case(SYSTEM, inv, variant, expected, subject, check, title)
+_case = partial(Case, SYSTEM)  # (inv, variant, expected, subject, check, title)
 
 
 def cases() -> list[Case]:

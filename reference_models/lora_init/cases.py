@@ -2,6 +2,8 @@
 """
 from __future__ import annotations
 
+from functools import partial
+
 from dataclasses import replace
 from typing import Callable
 
@@ -135,8 +137,7 @@ def _check_l7(make: Callable[[], LoraInitConfig]) -> None:
     l7()
 
 
-def _case(inv, variant, expected, subject, check, title):
-    return Case(SYSTEM, inv, variant, expected, subject, check, title)
+_case = partial(Case, SYSTEM)  # (inv, variant, expected, subject, check, title)
 
 
 def cases() -> list[Case]:

@@ -2,6 +2,8 @@
 """
 from __future__ import annotations
 
+from functools import partial
+
 import warnings
 from dataclasses import replace
 from typing import Callable
@@ -220,8 +222,7 @@ def _check_s6(make: Callable[[], StagedModulesConfig]) -> None:
         s6()
 
 
-def _case(inv, variant, expected, subject, check, title):
-    return Case(SYSTEM, inv, variant, expected, subject, check, title)
+_case = partial(Case, SYSTEM)  # (inv, variant, expected, subject, check, title)
 
 
 def cases() -> list[Case]:
