@@ -163,10 +163,6 @@ def assert_clamp_identity_below_cap(clamp: Callable[[torch.Tensor, float], torch
       InvalidArgumentError: non-finite deltas, τ <= 0, output of another shape.
     """
     __tracebackhide__ = True
-    _require_delta("deltas", deltas)
-    _require_nonempty("deltas", deltas)
-    require_finite("deltas", deltas)
-    require_positive("max_norm", max_norm)
     out = _run_clamp(clamp, deltas, max_norm)
     norms = frobenius_norms(deltas)
     below = norms <= max_norm
@@ -186,6 +182,11 @@ def assert_clamp_identity_below_cap(clamp: Callable[[torch.Tensor, float], torch
 
 def _run_clamp(clamp: Callable[[torch.Tensor, float], torch.Tensor], deltas: torch.Tensor,
                max_norm: float) -> torch.Tensor:
+    """Validate ``deltas`` (finite, non-empty) and ``max_norm`` (> 0), then run the clamp."""
+    _require_delta("deltas", deltas)
+    _require_nonempty("deltas", deltas)
+    require_finite("deltas", deltas)
+    require_positive("max_norm", max_norm)
     require(callable(clamp), "clamp", clamp, "must be callable as clamp(delta, max_norm)")
     try:
         with torch.no_grad():
@@ -224,10 +225,6 @@ def assert_clamp_preserves_direction(clamp: Callable[[torch.Tensor, float], torc
         another shape, a clamp that cannot be called as ``clamp(deltas, τ)``.
     """
     __tracebackhide__ = True
-    _require_delta("deltas", deltas)
-    _require_nonempty("deltas", deltas)
-    require_finite("deltas", deltas)
-    require_positive("max_norm", max_norm)
     out = _run_clamp(clamp, deltas, max_norm)
     eps = _eps(deltas.dtype)
     tiny = float(torch.finfo(deltas.dtype).tiny)

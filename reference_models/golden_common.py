@@ -51,6 +51,7 @@ def collapse_pair(system: str, module: Any, *, broken_signatures: tuple,
                   tolerances: dict | None = None, distributed_tolerances: dict | None = None,
                   distributed_horizon: tuple[int, str] | None = None,
                   fixed_distributed_horizon: tuple[int, str] | None = None,
+                  broken_distributed_chaotic: str = "", seed: int = 0,
                   signature_config: SignatureConfig | None = None
                   ) -> tuple[GoldenRun, GoldenRun]:
     """The fixed and the broken run of a system's collapse module (``<system>/collapse.py``:
@@ -58,11 +59,12 @@ def collapse_pair(system: str, module: Any, *, broken_signatures: tuple,
     ``NOTE``). One training function, one SignatureConfig (default: the default detectors),
     one tolerance table; only the config, the check, the expected critical signatures
     (broken) and the world-size-2 horizons differ. The config stored and hashed is the whole
-    config dataclass."""
+    config dataclass. ``seed`` is the golden seed of both runs; ``broken_distributed_chaotic``
+    the measured reason the broken run's collapse is not asserted at world size >= 2."""
     signature_config = SignatureConfig() if signature_config is None else signature_config
 
     def make(kind: str, cfg: Any, check: Callable, horizon: tuple[int, str] | None,
-             signatures: tuple) -> GoldenRun:
+             signatures: tuple, chaotic: str = "") -> GoldenRun:
         return GoldenRun(
             name=f"{system}-{kind}", kind=kind,
             fn=lambda seed, device: module.run(cfg, seed, device),
@@ -70,8 +72,8 @@ def collapse_pair(system: str, module: Any, *, broken_signatures: tuple,
             check=as_violation(check, f"{system}-{kind}"), note=module.NOTE,
             signatures=signatures, signature_config=signature_config,
             tolerances=tolerances or {}, distributed_tolerances=distributed_tolerances or {},
-            distributed_horizon=horizon)
+            distributed_horizon=horizon, distributed_chaotic=chaotic, seed=seed)
 
     return (make("fixed", module.FIXED, module.check_fixed, fixed_distributed_horizon, ()),
             make("broken", module.BROKEN, module.check_broken, distributed_horizon,
-                 broken_signatures))
+                 broken_signatures, broken_distributed_chaotic))

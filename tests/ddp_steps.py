@@ -248,29 +248,28 @@ def evolving_context_step(seed: int) -> StepSpec:
 
 
 # ------------------------------------------------------------------ the suite
+def _job(factory: str, reference: str | None = None) -> dict[str, str]:
+    """A job: its DDP step factory in this module, and the single-process step it must equal
+    (default: the factory's own single-process step)."""
+    return {"factory": M + factory, **({"reference": M + reference} if reference else {})}
+
+
 EQUIVALENCE_JOBS = {
-    # name: job (factory, reference for the single-process step, clip)
-    "lora_init": {"factory": M + "lora_init_step"},
-    "hyperlora": {"factory": M + "hyperlora_step"},
-    "staged_modules": {"factory": M + "staged_modules_step"},
-    "curriculum_lm": {"factory": M + "curriculum_lm_step"},
-    "evolving_context": {"factory": M + "evolving_context_step"},
+    **{name: _job(f"{name}_step") for name in
+       ("lora_init", "hyperlora", "staged_modules", "curriculum_lm", "evolving_context")},
     # S4 under DDP: checkpointed DDP step vs the NON-checkpointed single-process step
-    "staged_modules_ckpt": {"factory": M + "staged_modules_ckpt_step",
-                            "reference": M + "staged_modules_step"},
-    "first_step_nonreentrant": {"factory": M + "staged_first_step_nonreentrant",
-                                "reference": M + "staged_first_step_plain"},
+    "staged_modules_ckpt": _job("staged_modules_ckpt_step", "staged_modules_step"),
+    "first_step_nonreentrant": _job("staged_first_step_nonreentrant", "staged_first_step_plain"),
 }
 BROKEN_JOBS = {
     **{f"{name}_per_rank_clip": {**job, "clip": "per_rank"}
        for name, job in EQUIVALENCE_JOBS.items() if not name.startswith("first_step")},
-    "hyperlora_seed_loss": {"factory": M + "hyperlora_seed_loss_step"},
-    "curriculum_lm_seed_loss": {"factory": M + "curriculum_lm_seed_loss_step"},
-    "staged_modules_ckpt_reentrant": {"factory": M + "staged_modules_ckpt_reentrant_step",
-                                      "reference": M + "staged_modules_step"},
-    "first_step_reentrant": {"factory": M + "staged_first_step_reentrant",
-                             "reference": M + "staged_first_step_plain"},
+    **{name: _job(f"{name}_step") for name in ("hyperlora_seed_loss", "curriculum_lm_seed_loss")},
+    "staged_modules_ckpt_reentrant": _job("staged_modules_ckpt_reentrant_step",
+                                          "staged_modules_step"),
+    "first_step_reentrant": _job("staged_first_step_reentrant", "staged_first_step_plain"),
 }
+
 JOBS = {**EQUIVALENCE_JOBS, **BROKEN_JOBS}
 
 

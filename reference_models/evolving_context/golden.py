@@ -11,7 +11,6 @@ a golden must hold the collapse it documents. ``invariants golden --sweep 5`` sh
 """
 from __future__ import annotations
 
-from dataclasses import replace
 
 from invariants import GoldenTolerance
 from reference_models.evolving_context import collapse
@@ -57,9 +56,9 @@ DISTRIBUTED_CHAOTIC = (
     "z_e step change > 0.78 but its loss does not diverge (x1.01). The collapse is asserted at "
     "world size 1 and on 5 seeds by the sweep")
 
-_FIXED_RUN, _BROKEN_RUN = collapse_pair(
-    "evolving_context", collapse, broken_signatures=BROKEN_SIGNATURES,
-    distributed_tolerances=DISTRIBUTED_TOLERANCES, distributed_horizon=DISTRIBUTED_HORIZON,
-    fixed_distributed_horizon=DISTRIBUTED_HORIZON_FIXED)
-RUNS = (replace(_FIXED_RUN, seed=GOLDEN_SEED),
-        replace(_BROKEN_RUN, seed=GOLDEN_SEED, distributed_chaotic=DISTRIBUTED_CHAOTIC))
+RUNS = collapse_pair("evolving_context", collapse, seed=GOLDEN_SEED,
+                     broken_signatures=BROKEN_SIGNATURES,
+                     distributed_tolerances=DISTRIBUTED_TOLERANCES,
+                     distributed_horizon=DISTRIBUTED_HORIZON,
+                     fixed_distributed_horizon=DISTRIBUTED_HORIZON_FIXED,
+                     broken_distributed_chaotic=DISTRIBUTED_CHAOTIC)

@@ -46,19 +46,24 @@ def build(cfg: EvolvingContextConfig, seed: int = 0
     return model, opt
 
 
-def train_step(model: EvolvingContextModel, opt: torch.optim.Optimizer,
-               batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, float]:
-    """One step: deep-supervised CE over the ACT steps, clip, AdamW. Returns its metrics."""
-    x, demos, y = batch
+def _optimise(net: nn.Module, model: EvolvingContextModel, opt: torch.optim.Optimizer,
+              x: torch.Tensor, demos: torch.Tensor, y: torch.Tensor):
+    """Forward through ``net`` (the model or its DDP wrapper), deep-supervised CE over the ACT
+    steps, clip, AdamW. Returns (loss, logits, pairs, gradient norms before clipping)."""
     opt.zero_grad(set_to_none=True)
-    logits, pairs = model(x, demos)
+    logits, pairs = net(x, demos)
     loss = torch.stack([F.cross_entropy(out, y) for out in logits]).mean()
     loss.backward()
     metrics = model.grad_norms()  # before clipping, as logged in the seed
     torch.nn.utils.clip_grad_norm_(model.parameters(), model.cfg.grad_clip)
     opt.step()
-    z_prev = torch.stack([p for p, _ in pairs])  # (S, B, L, D)
-    z_new = torch.stack([n for _, n in pairs])
+    return loss, logits, pairs, metrics
+
+
+def _with_diagnostics(metrics: dict[str, float], model: EvolvingContextModel,
+                      loss: torch.Tensor, logits: list[torch.Tensor], y: torch.Tensor,
+                      z_prev: torch.Tensor, z_new: torch.Tensor) -> dict[str, float]:
+    """The step's logged metrics: loss, accuracy (last ACT step) and the z_e diagnostics."""
     diag = model.context_diagnostics(z_prev, z_new)
     metrics.update(
         loss=float(loss.detach()),
@@ -67,6 +72,16 @@ def train_step(model: EvolvingContextModel, opt: torch.optim.Optimizer,
         z_e_step_change_pct=float(diag.get("z_e_step_change_pct", math.nan)),
     )
     return metrics
+
+
+def train_step(model: EvolvingContextModel, opt: torch.optim.Optimizer,
+               batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """One step: deep-supervised CE over the ACT steps, clip, AdamW. Returns its metrics."""
+    x, demos, y = batch
+    loss, logits, pairs, metrics = _optimise(model, model, opt, x, demos, y)
+    z_prev = torch.stack([p for p, _ in pairs])  # (S, B, L, D)
+    z_new = torch.stack([n for _, n in pairs])
+    return _with_diagnostics(metrics, model, loss, logits, y, z_prev, z_new)
 
 
 METRICS = ("loss", "accuracy", "z_e_step_change", "z_e_step_change_pct", "grad_norm",
@@ -112,13 +127,7 @@ def _ddp_train_step(net: nn.Module, model: EvolvingContextModel, opt: torch.opti
     """
     full = batch[0].shape[0]
     x, demos, y = data_parallel.shard(*batch)
-    opt.zero_grad(set_to_none=True)
-    logits, pairs = net(x, demos)
-    loss = torch.stack([F.cross_entropy(out, y) for out in logits]).mean()
-    loss.backward()
-    metrics = model.grad_norms()  # before clipping, as logged in the seed
-    torch.nn.utils.clip_grad_norm_(model.parameters(), model.cfg.grad_clip)
-    opt.step()
+    loss, logits, pairs, metrics = _optimise(net, model, opt, x, demos, y)
     with torch.no_grad():
         y = data_parallel.gather(y, full=full)
         logits = [data_parallel.gather(out, full=full) for out in logits]  # S x (B, C)
@@ -126,14 +135,7 @@ def _ddp_train_step(net: nn.Module, model: EvolvingContextModel, opt: torch.opti
         z_prev = data_parallel.gather(torch.stack([p for p, _ in pairs]), 1, full=full)
         z_new = data_parallel.gather(torch.stack([n for _, n in pairs]), 1, full=full)
         # z_prev, z_new: (S, B, L, D), the full batch's rows of every ACT step
-    diag = model.context_diagnostics(z_prev, z_new)
-    metrics.update(
-        loss=float(loss),
-        accuracy=float((logits[-1].argmax(-1) == y).double().mean()),
-        z_e_step_change=float(diag["z_e_step_change"]),
-        z_e_step_change_pct=float(diag.get("z_e_step_change_pct", math.nan)),
-    )
-    return metrics
+    return _with_diagnostics(metrics, model, loss, logits, y, z_prev, z_new)
 
 
 def config_dict(cfg: EvolvingContextConfig) -> dict[str, Any]:

@@ -94,26 +94,21 @@ def _check_h1_seed_float32(make: Callable[[], HyperLoRAConfig]) -> None:
         h1_exact()
 
 
-def _check_h2(make: Callable[[], HyperLoRAConfig]) -> None:
-    cfg = make()
-    clamp = CLAMPS[cfg.clamp_mode]
+def _clamp_property(assertion: Callable[..., object]) -> Callable[..., None]:
+    """H2/H3: ``assertion(clamp, ΔW, max_norm=1.0)`` over drawn ΔW for the case's clamp."""
+    def check(make: Callable[[], HyperLoRAConfig]) -> None:
+        clamp = CLAMPS[make().clamp_mode]
 
-    @given(delta=weight_deltas())
-    def h2(delta):
-        assert_clamp_identity_below_cap(clamp, delta, max_norm=1.0)
-    with one_thread():
-        h2()
+        @given(delta=weight_deltas())
+        def clamp_property(delta):
+            assertion(clamp, delta, max_norm=1.0)
+        with one_thread():
+            clamp_property()
+    return check
 
 
-def _check_h3(make: Callable[[], HyperLoRAConfig]) -> None:
-    cfg = make()
-    clamp = CLAMPS[cfg.clamp_mode]
-
-    @given(delta=weight_deltas())
-    def h3(delta):
-        assert_clamp_preserves_direction(clamp, delta, max_norm=1.0)
-    with one_thread():
-        h3()
+_check_h2 = _clamp_property(assert_clamp_identity_below_cap)
+_check_h3 = _clamp_property(assert_clamp_preserves_direction)
 
 
 def _check_h4(make: Callable[[], HyperLoRAConfig]) -> None:

@@ -34,7 +34,7 @@ from invariants import NormGovernor, clamp_frobenius, frobenius_norms, seeded
 from invariants.distributed import sum_reduction_scale
 from reference_models import data_parallel
 from reference_models.hyperlora.config import TARGETS
-from reference_models.hyperlora.model import LoRAGRUCell  # the same seed §1.2 cell
+from reference_models.hyperlora.model import GovernedStep, HyperLoRASolver  # seed §1.2
 
 SYSTEM = "hyperlora"
 CANONICAL = ("loss", "accuracy", "entropy", "lora_norm", "grad_norm", "lr", "nan_batches")
@@ -121,34 +121,11 @@ class HyperLoRA(nn.Module):
         return delta
 
 
-class Solver(nn.Module):
+class Solver(HyperLoRASolver):
+    """The seed §1.2 solver (embedding, LoRA-GRU cell, head) around this run's predictor."""
+
     def __init__(self, cfg: HyperLoRAGoldenConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.n_colors, cfg.hidden_dim)
-        self.hyperlora = HyperLoRA(cfg)
-        self.cell = LoRAGRUCell(cfg.hidden_dim)
-        self.head = nn.Linear(cfg.hidden_dim, cfg.n_colors)
-
-    def solve(self, grid, deltas):                    # (B, N) -> logits (B, N, K)
-        x = self.embed(grid)
-        h = torch.zeros_like(x)
-        for _ in range(self.cfg.solver_steps):
-            h = self.cell(x, h, deltas)
-        return self.head(h)
-
-
-class _GovernedStep(nn.Module):
-    """The training forward as one module (DDP hooks need one ``forward``): clamp, solve."""
-
-    def __init__(self, model: Solver, governor: NormGovernor):
-        super().__init__()
-        self.model, self.governor = model, governor
-
-    def forward(self, grid: torch.Tensor, context: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        deltas = self.governor.clamp(self.model.hyperlora(context))   # (B, 6, H, H)
-        return self.model.solve(grid, deltas), deltas                  # (B, N, K)
+        super().__init__(cfg, hyperlora=HyperLoRA)
 
 
 # ------------------------------------------------------------------ run
@@ -176,7 +153,7 @@ def run(cfg: HyperLoRAGoldenConfig, seed: int, device: torch.device | str = "cpu
     opt = torch.optim.Adam([{"params": [p for p in model.parameters() if id(p) not in ids],
                              "lr": cfg.base_lr}, {"params": hyper, "lr": lr_h}])
     governor = governor_for(cfg)
-    step_fn = data_parallel.wrap(_GovernedStep(model, governor)) if distributed else None
+    step_fn = data_parallel.wrap(GovernedStep(model, governor)) if distributed else None
     gen = torch.Generator(device=device).manual_seed(seed + 1)            # data stream
     code = torch.randn(cfg.n_colors, cfg.context_dim, device=device,     # fixed task codes
                        generator=torch.Generator(device=device).manual_seed(12345))

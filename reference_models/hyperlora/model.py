@@ -115,11 +115,11 @@ class LoRAGRUCell(nn.Module):
 class HyperLoRASolver(nn.Module):
     """Grid (B, N) colours + context (B, C) -> logits (B, N, n_colors)."""
 
-    def __init__(self, cfg: HyperLoRAConfig):
+    def __init__(self, cfg: HyperLoRAConfig, hyperlora: Callable[..., nn.Module] = HyperLoRA):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.n_colors, cfg.hidden_dim)
-        self.hyperlora = HyperLoRA(cfg)
+        self.hyperlora = hyperlora(cfg)                  # built second: parameter order = RNG order
         self.cell = LoRAGRUCell(cfg.hidden_dim)
         self.head = nn.Linear(cfg.hidden_dim, cfg.n_colors)
 
@@ -134,6 +134,19 @@ class HyperLoRASolver(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         deltas = self.hyperlora(context)                 # (B, T, H, H)
         return self.solve(grid, deltas), deltas
+
+
+class GovernedStep(nn.Module):
+    """The training forward as one module (DDP hooks need one ``forward``): clamp, solve."""
+
+    def __init__(self, model: HyperLoRASolver, governor):
+        super().__init__()
+        self.model, self.governor = model, governor
+
+    def forward(self, grid: torch.Tensor, context: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        deltas = self.governor.clamp(self.model.hyperlora(context))   # (B, T, H, H)
+        return self.model.solve(grid, deltas), deltas                  # (B, N, K)
 
 
 def build_solver(cfg: HyperLoRAConfig, seed: int = 0,

@@ -6,10 +6,8 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from invariants import (
-    NormGovernor,
     agree_across_ranks,
     frobenius_norms,
     seeded,
@@ -20,6 +18,7 @@ from invariants.validation import require
 from reference_models import data_parallel
 from reference_models.hyperlora.config import FIXED, HyperLoRAConfig, governor_for
 from reference_models.hyperlora.model import (
+    GovernedStep,
     HyperLoRASolver,
     lora_decay_term,
     param_groups,
@@ -66,19 +65,6 @@ def train_steps(cfg: HyperLoRAConfig = FIXED, steps: int = 50, seed: int = 0, *,
         return _train(cfg, steps, seed, stop_on_governor)
 
 
-class _GovernedStep(nn.Module):
-    """The training forward as one module (DDP hooks need one ``forward``): clamp, solve."""
-
-    def __init__(self, model: HyperLoRASolver, governor: NormGovernor):
-        super().__init__()
-        self.model, self.governor = model, governor
-
-    def forward(self, grid: torch.Tensor, context: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        deltas = self.governor.clamp(self.model.hyperlora(context))   # (B, T, H, H)
-        return self.model.solve(grid, deltas), deltas                  # (B, N, K)
-
-
 def _train(cfg: HyperLoRAConfig, steps: int, seed: int, stop_on_governor: bool
            ) -> dict[str, list[float]]:
     keys = ("loss", "accuracy", "lora_norm", "lora_norm_max", "entropy", "nan_batches",
@@ -91,7 +77,7 @@ def _train(cfg: HyperLoRAConfig, steps: int, seed: int, stop_on_governor: bool
         opt = torch.optim.Adam(param_groups(model, cfg))
         governor = governor_for(cfg)
         gen = torch.Generator().manual_seed(seed + 1)
-        step_fn = data_parallel.wrap(_GovernedStep(model, governor)) if distributed else None
+        step_fn = data_parallel.wrap(GovernedStep(model, governor)) if distributed else None
         for _ in range(steps):
             grid, target, context = make_batch(cfg, gen)
             if distributed:                  # every rank drew the full batch: keep its rows

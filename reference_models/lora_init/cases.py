@@ -11,20 +11,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from invariants import (
-    Case,
-    LoraConfig,
-    assert_adapter_contribution_negligible,
-    assert_adapter_delta_within_bound,
-    assert_adapter_gradients_flow_at_init,
-    assert_adapter_identity_at_init,
-    assert_adapter_kl_zero,
-    assert_merge_roundtrip,
-    assert_scale_schedule_progressive,
-    dtypes,
-    float_tensors,
-    lora_configs,
-)
+from invariants import Case, LoraConfig, dtypes, float_tensors, lora_configs
+from invariants import (  # the LoRA family (SPEC L1-L7)
+    assert_adapter_contribution_negligible, assert_adapter_delta_within_bound,
+    assert_adapter_gradients_flow_at_init, assert_adapter_identity_at_init,
+    assert_adapter_kl_zero, assert_merge_roundtrip, assert_scale_schedule_progressive)
 from reference_models.lora_init.config import (
     BROKEN,
     FIXED,
