@@ -132,10 +132,12 @@ class GoldenSession:
         self.golden_dir, self.output_dir = golden_dir, output_dir
         self.device, self.update = device, update
 
-    def check(self, run):
+    def check(self, run, curves=None):
         """Return the run's curves after comparing (or, with --golden-update, recording) them.
 
-        With --golden-update only ``golden/<run>/<this device key>.json`` is rewritten;
+        ``curves``: the run's curves if the caller already has them (e.g. shared by pytest-xdist
+        workers); by default the run is executed (once per process). With --golden-update the
+        run is executed afresh and only ``golden/<run>/<this device key>.json`` is rewritten;
         other device keys are never touched.
         """
         __tracebackhide__ = True
@@ -148,7 +150,8 @@ class GoldenSession:
             return curves
         return assert_matches_golden(run, self.golden_dir, device=self.device,
                                      output_dir=self.output_dir,
-                                     curves=execute_memoized(run, self.device))
+                                     curves=execute_memoized(run, self.device)
+                                     if curves is None else curves)
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """Golden runs: each run is one item (xdist spreads them), compared with its golden curve.
 
-Regenerate after an intended change: ``pytest -m golden --golden-update`` (this device key
-only), or ``invariants golden --update``.
+Each run's curves are computed ONCE per session and shared by every test and xdist worker that
+reads them (``curves_of``; tests/shared_group.py); the determinism test executes each run a
+second time, afresh, in its own process. Regenerate after an intended change:
+``pytest -m golden --golden-update`` (this device key only), or ``invariants golden --update``.
 """
 import re
 from dataclasses import replace
@@ -9,16 +11,29 @@ from dataclasses import replace
 import pytest
 
 from invariants import InvariantViolation
-from invariants.golden import execute_memoized, mechanism_problems
+from invariants.golden import mechanism_problems
 from invariants.golden.run import execute
 from reference_models.golden_runs import RUNS
+from tests.shared_group import group_value, shared_outcome
+
+
+@pytest.fixture
+def curves_of(request, tmp_path_factory):
+    """``curves_of(run)``: the run's CPU curves, executed once per session across workers."""
+    def get(run):
+        outcome = shared_outcome(tmp_path_factory, f"golden_curves_{run.name}_"
+                                 f"{run.config_sha256[:12]}", lambda: execute(run, "cpu"))
+        return {m: (list(s), list(v)) for m, (s, v) in group_value(outcome, request,
+                                                                    tmp_path_factory).items()}
+    return get
 
 
 @pytest.mark.golden
 @pytest.mark.parametrize("run", RUNS, ids=[r.name for r in RUNS])
-def test_golden_run(run, golden):
+def test_golden_run(run, golden, curves_of):
     """Curves and findings match the golden; fixed: no collapse; broken: its seed's signature."""
-    curves = golden.check(run)
+    curves = golden.check(run, curves=None if golden.update or golden.device.type != "cpu"
+                          else curves_of(run))
     assert not mechanism_problems(run, curves)
 
 
@@ -49,10 +64,20 @@ def test_golden_run_cuda(run, golden):
 
 @pytest.mark.golden
 @pytest.mark.parametrize("run", RUNS, ids=[r.name for r in RUNS])
-def test_two_cpu_runs_are_bit_identical(run):
-    """A fresh execution equals the one the other golden tests of this process read."""
-    first, second = execute_memoized(run, "cpu"), execute(run, "cpu")
-    assert first == second, f"{run.name}: two seeded CPU runs differ"
+def test_two_cpu_runs_are_bit_identical_and_built_on_the_device_given(run, curves_of):
+    """A fresh execution equals the session's shared one (often made by another process), and
+    it is made with torch's default device set to "meta": any tensor a run made without an
+    explicit device would be a meta tensor, and the run would fail or differ."""
+    import torch
+    expected = curves_of(run)
+    previous = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        obtained = execute(run, "cpu")
+    finally:
+        torch.set_default_device(previous)
+    assert obtained == expected, (
+        f"{run.name}: two seeded CPU runs differ, or the run depends on torch's default device")
 
 
 SYSTEMS = sorted({r.name.rsplit("-", 1)[0] for r in RUNS})
@@ -60,17 +85,19 @@ SYSTEMS = sorted({r.name.rsplit("-", 1)[0] for r in RUNS})
 
 @pytest.mark.golden
 @pytest.mark.parametrize("system", SYSTEMS)
-def test_removing_the_fix_fails_the_fixed_golden(system, golden, tmp_path):
+def test_removing_the_fix_fails_the_fixed_golden(system, golden, curves_of, tmp_path):
     """The fixed run's name and config with the broken run's training: the comparison fails by
     collapsing (its golden has no findings), names the first differing metric and writes the
-    obtained curves and a plot that shows where."""
+    obtained curves and a plot that shows where. Its curves are the broken run's own (same
+    training function, same seed), shared with the broken run's golden test."""
     fixed = next(r for r in RUNS if r.name == f"{system}-fixed")
     broken = next(r for r in RUNS if r.name == f"{system}-broken")
+    assert fixed.seed == broken.seed, f"{system}: the pair must share its seed"
     unfixed = replace(fixed, fn=broken.fn)
     golden.output_dir = tmp_path
     golden.update = False
     with pytest.raises(InvariantViolation) as info:
-        golden.check(unfixed)
+        golden.check(unfixed, curves=curves_of(broken))
     text = str(info.value)
     assert re.search(r"points outside tolerance; worst at step \d+: golden [-\d.e]+, obtained "
                      r"[-\d.e]+", text), text
@@ -78,21 +105,3 @@ def test_removing_the_fix_fails_the_fixed_golden(system, golden, tmp_path):
     assert f"plot: {tmp_path}/{system}-fixed.cpu.obtained.png" in text
     assert (tmp_path / f"{system}-fixed.cpu.obtained.json").exists()
     assert (tmp_path / f"{system}-fixed.cpu.obtained.png").stat().st_size > 0
-
-
-@pytest.mark.golden
-@pytest.mark.parametrize("system", SYSTEMS)
-def test_a_run_builds_everything_on_the_device_it_is_given(system):
-    """With torch's default device set to "meta", any tensor a run made without an explicit
-    device would be a meta tensor (and the run would fail or differ): a run given "cpu" must
-    produce exactly the curves it produces normally."""
-    import torch
-    run = next(r for r in RUNS if r.name == f"{system}-fixed")
-    expected = execute_memoized(run, "cpu")
-    previous = torch.get_default_device()
-    torch.set_default_device("meta")
-    try:
-        obtained = execute(run, "cpu")
-    finally:
-        torch.set_default_device(previous)
-    assert obtained == expected, f"{run.name}: curves depend on torch's default device"
