@@ -81,11 +81,15 @@ def test_each_finding_reported_once():
     assert len(first) == 1 and again == []
 
 
-def test_tensors_none_and_samples():
-    guard = CollapseGuard()
+@pytest.mark.parametrize("sync_every", [1, 3])
+def test_tensors_none_and_samples(sync_every):
+    guard = CollapseGuard(sync_every=sync_every)
     with pytest.warns(CollapseWarning):
         new = guard.update(0, {"loss": torch.tensor(float("inf")), "grad_norm": None,
                                "sample": MODE_COLLAPSE})
+        if sync_every > 1:
+            assert new == [] and guard.pending == 1
+            new = guard.flush()
     got = sorted((f.signature, f.metric) for f in new)
     assert got == [("mode_collapse", "sample"), ("non_finite", "grad_norm"), ("non_finite", "loss"),
                    ("repetition", "sample"), ("seq_repetition", "sample")]
@@ -97,8 +101,12 @@ def test_metric_map_and_ignore_unknown():
     guard.update(0, {"train/loss": 1.0, "throughput": 123.0})
     with pytest.warns(CollapseWarning) as record:
         new = guard.update(1, {"train/loss": 5.0})
-    assert sorted(f.signature for f in new) == ["divergence", "loss_jump"]
-    assert len(record) == 2
+    plain = CollapseGuard()
+    plain.update(0, {"loss": 1.0})
+    with pytest.warns(CollapseWarning):
+        expected = plain.update(1, {"loss": 5.0})
+    assert new == expected and new, "a mapped metric must be read as its canonical name"
+    assert len(record) == len(new)
 
 
 def test_numpy_and_tensor_steps():
@@ -182,9 +190,34 @@ def test_memory_probe_sees_a_hidden_history():
     ({}, (0, [("loss", 1.0)]), r"metrics=.*must be a mapping"),
     ({}, (0, {"loss": 10 ** 400}), r"metrics\['loss'\]=1000.*: integer too large for a float"),
     ({"metric_map": [("loss", "x")]}, None, r"metric_map=\[\('loss', 'x'\)\]: must be a mapping"),
+    ({"sync_every": 0}, None, r"sync_every=0: must be an integer >= 1"),
+    ({"sync_every": True}, None, r"sync_every=True: must be an integer >= 1"),
+    ({"sync_every": 8.0}, None, r"sync_every=8.0: must be an integer >= 1"),
+    ({}, (0, {"loss": torch.tensor(1 + 2j)}),
+     r"metrics\['loss'\]=Tensor\(shape=\(\), dtype=torch.complex64\): must be real"),
+    ({}, (0, {"loss": torch.tensor(1.0, device="meta")}),
+     r"metrics\['loss'\]=Tensor\(shape=\(\), dtype=torch.float32\): is a meta tensor"),
+    ({}, (0, {"loss": torch.ones(3)}),
+     r"metrics\['loss'\]=Tensor\(shape=\(3,\), dtype=torch.float32\): must hold one value "
+     r"\(a 0-d tensor\), got 3 elements"),
+    ({}, (0, {"loss": torch.tensor(True)}), r"metrics\['loss'\]=.*bool.*: must be a number"),
+    ({}, (0, {"sample": torch.tensor(1.0)}), r"metrics\['sample'\]=Tensor.*: must be a str"),
+    ({}, (0, {"sample": 1.0}), r"metrics\['sample'\]=1.0: must be a str"),
+    ({}, (0, {"lossy": torch.tensor(1.0)}), r"metric='lossy': unknown metric"),
+    ({"metric_map": {"loss": "train/loss"}}, (0, {"los": 1.0}), r"metric='los': unknown;"),
+    ({}, (10 ** 400, {"loss": 1.0}), r"step=1000.*: integer too large for a float"),
+    ({}, (True, {"loss": 1.0}), r"step=True: must be a number"),
+    ({}, (math.inf, {"loss": 1.0}), r"step=inf: must be finite"),
+    ({}, (-math.inf, {"loss": 1.0}), r"step=-inf: must be finite"),
+    ({}, (torch.tensor(1j), {"loss": 1.0}), r"step=tensor\(.*\): must be a number"),
+    ({}, (0, {"loss": b"1.0"}), r"metrics\['loss'\]=b'1.0': must be a number"),
 ], ids=["mode", "stop_on", "config", "map-key", "unknown-metric", "non-numeric", "sample-type",
         "bool", "numeric-str",
-        "nan-step", "str-step", "not-mapping", "huge-int", "map-not-mapping"])
+        "nan-step", "str-step", "not-mapping", "huge-int", "map-not-mapping",
+        "sync_every-0", "sync_every-bool", "sync_every-float", "complex-tensor", "meta-tensor",
+        "multi-element-tensor", "bool-tensor", "sample-tensor", "sample-float",
+        "unknown-metric-tensor", "unknown-mapped", "huge-int-step", "bool-step", "inf-step",
+        "minus-inf-step", "complex-tensor-step", "bytes"])
 def test_bad_arguments(kwargs, call, match):
     with pytest.raises(InvalidArgumentError, match=match):
         guard = CollapseGuard(**kwargs)
@@ -206,9 +239,27 @@ def test_entropy_spike_from_an_untrained_start_is_not_a_collapse():
                                                                "entropy_spike"]
 
 
-def test_step_must_not_go_backwards():
-    guard = CollapseGuard()
-    guard.update(10, {"loss": 1.0})
+@pytest.mark.parametrize("value", [1.0, torch.tensor(1.0)], ids=["float", "tensor"])
+def test_step_must_not_go_backwards(value):
+    """Checked at the update that logs it, buffered or not (the contract: non-decreasing)."""
+    guard = CollapseGuard(sync_every=8)
+    guard.update(10, {"loss": value})
+    guard.update(10, {"loss": value})            # equal steps are allowed
     with pytest.raises(InvalidArgumentError, match=r"step=9: must be non-decreasing \(previous step "
                                                    r"was 10\)"):
-        guard.update(9, {"loss": 1.0})
+        guard.update(9, {"loss": value})
+
+
+@pytest.mark.parametrize("bad", [
+    {"loss": torch.tensor(1.0), "grad_norm": torch.ones(2)},
+    {"loss": torch.tensor(1.0), "accuracy": "high"},
+    {"loss": torch.tensor(1.0), "lossy": 1.0},
+], ids=["multi-element", "non-numeric", "unknown"])
+def test_an_update_that_raises_logs_nothing(bad):
+    guard = CollapseGuard(sync_every=8)
+    guard.update(0, {"loss": torch.tensor(1.0)})
+    with pytest.raises(InvalidArgumentError):
+        guard.update(1, bad)
+    assert guard.pending == 1
+    guard.update(1, {"loss": torch.tensor(1.0)})     # step 1 was not taken by the bad update
+    assert guard.flush() == [] and guard.pending == 0
