@@ -1,18 +1,31 @@
-"""The golden-file contract: schema, atomic writes, refusal rules, stale/missing/mismatch messages."""
+"""The golden-file contract: schema, atomic writes, refusal rules, stale/missing/mismatch messages,
+and every corrupt golden refused on read with one clear line (exit 2)."""
+import errno
 import json
 import math
+import os
+import re
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from invariants import (GoldenError, GoldenRun, GoldenTolerance, InvalidArgumentError,
-                        InvariantViolation, Tolerance, assert_matches_golden, device_key,
-                        read_golden, record_golden)
-from invariants.golden import run_spread
+from invariants import (
+    GoldenError,
+    GoldenRun,
+    GoldenTolerance,
+    InvalidArgumentError,
+    InvariantViolation,
+    Tolerance,
+    assert_matches_golden,
+    device_key,
+    read_golden,
+    record_golden,
+)
 from invariants._cli import main
-from invariants.golden import store
+from invariants.golden import run_spread, store
 from invariants.golden.store import write_json_atomic
 
 
@@ -147,11 +160,11 @@ def test_update_rewrites_only_the_current_device_key(recorded):
     assert json.loads(path.read_text())["metadata"]["config"] == {"scale": 1.0, "v": 2}
 
 
-def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
+def test_atomic_write_refuses_non_finite_json_before_touching_the_file(tmp_path):
     target = tmp_path / "g.json"
     write_json_atomic(target, {"ok": 1})
-    with pytest.raises(ValueError):
-        write_json_atomic(target, {"bad": math.nan})  # allow_nan=False refuses mid-write
+    with pytest.raises(GoldenError, match=r"g.json: refusing to write a non-finite number"):
+        write_json_atomic(target, {"bad": math.nan})  # allow_nan=False, before any temp file
     assert json.loads(target.read_text()) == {"ok": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["g.json"]
 
@@ -160,46 +173,299 @@ def test_atomic_write_goes_through_a_temp_file_and_rename(tmp_path, monkeypatch)
     """A crash between writing and renaming leaves the old golden whole (no in-place write)."""
     target = tmp_path / "g.json"
     write_json_atomic(target, {"ok": 1})
+    seen = []
 
     def crash(src, dst):
         assert Path(src).parent == Path(dst).parent and Path(src).name != Path(dst).name
         assert json.loads(Path(src).read_text()) == {"new": 2}  # fully written before rename
-        raise OSError("power cut")
+        seen.append(src)
+        raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(store.os, "replace", crash)
-    with pytest.raises(OSError, match="power cut"):
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(GoldenError, match=r"g.json: cannot write \(Input/output error\); the old "
+                                          r"file is unchanged"):
         write_json_atomic(target, {"new": 2})
+    assert seen, "the write never reached the rename"
     assert json.loads(target.read_text()) == {"ok": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["g.json"]
 
 
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
+# ---------------------------------------------------------------------------------------------
+# Corrupt goldens. Each row corrupts a golden that matched (``corrupt(path, doc, monkeypatch)``)
+# and must be refused on read with one GoldenError line naming the file and the problem:
+# through ``read_golden`` and through ``invariants golden`` with a user's runs module (exit 2,
+# one line on stderr, never a traceback, never exit 1, which means "mismatch").
+
+USER_RUNS_MODULE = "golden_files_user_runs"
+USER_RUNS = """
+import torch
+from invariants import GoldenRun
 
 
-BAD_GOLDENS = [
-    ("truncated", '{"schema_version": 1,\n "run": "quick",\n "metrics": {', r"g.json:3:\d+: corrupt golden JSON"),
-    ("not an object", "[1, 2]", r"must be a JSON object, got list"),
-    ("future schema", json.dumps({"schema_version": 99, "run": "quick", "metadata": {},
-                                  "metrics": {}, "tolerances": {}, "signatures": []}),
-     r"schema_version=99 is from the future"),
-    ("missing key", json.dumps({"schema_version": 1, "run": "quick"}), r"missing key 'metadata'"),
-    ("NaN value", '{"schema_version": 1, "run": "q", "metadata": {}, "metrics": {"loss": '
-                  '{"steps": [0], "values": [NaN]}}, "tolerances": {}, "signatures": []}',
-     r"non-finite constant NaN"),
-    ("ragged curve", json.dumps({"schema_version": 1, "run": "quick", "metadata": {},
-                                 "metrics": {"loss": {"steps": [0, 1], "values": [1.0]}},
-                                 "tolerances": {}, "signatures": []}), r"metric 'loss' must be"),
+def _curves(seed, device):
+    steps = list(range(0, 60, 10))
+    loss = (torch.exp(-3 * torch.linspace(0, 1, 6)) + 0.01 * torch.rand(6)).tolist()
+    return {"loss": (steps, loss), "lora_norm": (steps, [0.5, 0.52, 0.55, 0.56, 0.58, 0.6])}
+
+
+RUNS = (GoldenRun(name="user-quick", fn=_curves, config={"v": 1}),)
+"""
+
+
+def _edit(change):
+    """A corruption that edits the parsed golden and writes it back as JSON."""
+    def corrupt(path, doc, monkeypatch):
+        change(doc)
+        path.write_text(json.dumps(doc))
+    return corrupt
+
+
+def _raw(data):
+    """A corruption that replaces the file's bytes (``data(doc)`` or ``data``)."""
+    def corrupt(path, doc, monkeypatch):
+        path.write_bytes(data(doc) if callable(data) else data)
+    return corrupt
+
+
+def _set(*keys_and_value):
+    *keys, value = keys_and_value
+
+    def change(doc):
+        node = doc
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value(node[keys[-1]]) if callable(value) else value
+    return _edit(change)
+
+
+def _directory(path, doc, monkeypatch):
+    path.unlink()
+    path.mkdir()
+
+
+def _fifo(path, doc, monkeypatch):
+    path.unlink()
+    os.mkfifo(path)  # a read would block forever: refused from its type, before opening
+
+
+def _unreadable(path, doc, monkeypatch):
+    path.chmod(0)
+
+
+def _permission_denied_simulated(path, doc, monkeypatch):
+    def denied(file, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(file))
+    monkeypatch.setattr(store, "open", denied, raising=False)  # store's own open() only
+
+
+def _pickled(doc):
+    import pickle
+    return pickle.dumps(doc, protocol=4)
+
+
+def _NONE(values):  # upper case: it reads as a value in the table below
+    return [None] * len(values)
+
+
+_ROOT_SKIP = pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0,
+    reason="root bypasses permission bits (CAP_DAC_OVERRIDE), so chmod 000 cannot make a file "
+           "unreadable to root; the 'permission denied (simulated)' row checks the message")
+
+CORRUPT_GOLDENS = [
+    # what makes a comparison vacuous (NaN tolerance: all-null values matched with exit 0)
+    ("all-null loss", _set("metrics", "loss", "values", _NONE),
+     r"metrics\['loss'\]\.values\[0\]=None: must be a finite number, got null"),
+    ("all-null lora_norm", _set("metrics", "lora_norm", "values", _NONE),
+     r"metrics\['lora_norm'\]\.values\[0\]=None: must be a finite number, got null"),
+    ("one null value", _set("metrics", "loss", "values", lambda v: v[:3] + [None] + v[4:]),
+     r"metrics\['loss'\]\.values\[3\]=None: must be a finite number"),
+    ("no metrics", _set("metrics", {}), r"metrics=\{\}: must be a non-empty object"),
+    ("empty curve", _set("metrics", "loss", {"steps": [], "values": []}),
+     r"metrics\['loss'\]\.steps=\[\]: must not be empty"),
+    ("ragged curve", _set("metrics", "loss", "values", lambda v: v[:-1]),
+     r"metrics\['loss'\]='6 steps, 5 values': must have as many values as steps"),
+    ("steps repeat", _set("metrics", "loss", "steps", lambda s: [0, 10, 10, 30, 40, 50]),
+     r"metrics\['loss'\]\.steps\[2\]=10: must be greater than the step before it"),
+    ("steps decrease", _set("metrics", "loss", "steps", lambda s: s[::-1]),
+     r"metrics\['loss'\]\.steps\[1\]=40: must be greater"),
+    ("step a string", _set("metrics", "loss", "steps", lambda s: ["0"] + s[1:]),
+     r"metrics\['loss'\]\.steps\[0\]='0': must be a finite number, got string"),
+    ("list for a number", _set("metrics", "loss", "values", lambda v: [[1, 2]] + v[1:]),
+     r"values\[0\]=\[1, 2\]: must be a finite number, got array"),
+    ("object for a number", _set("metrics", "loss", "values", lambda v: [{"a": 1}] + v[1:]),
+     r"values\[0\]=\{'a': 1\}: must be a finite number, got object"),
+    ("10**400 for a number", _raw(lambda doc: json.dumps(doc).replace(
+        json.dumps(doc["metrics"]["loss"]["values"][0]), "1" + "0" * 400, 1).encode()),
+     r"values\[0\]=1000.*: is an integer too large for a float \(401 digits\)"),
+    ("1e400 for a number", _raw(lambda doc: json.dumps(doc).replace(
+        json.dumps(doc["metrics"]["loss"]["values"][0]), "1e400", 1).encode()),
+     r"values\[0\]=inf: must be finite"),
+    ("NaN value", _raw(lambda doc: json.dumps(doc).replace(
+        json.dumps(doc["metrics"]["loss"]["values"][0]), "NaN", 1).encode()),
+     r"corrupt golden JSON: non-finite constant NaN \(goldens are finite\)"),
+    ("boolean value", _set("metrics", "loss", "values", lambda v: [True] + v[1:]),
+     r"values\[0\]=True: must be a finite number, got boolean"),
+    ("text and numbers mixed", _set("metrics", "loss", "values", lambda v: ["a"] + v[1:]),
+     r"values\[1\]=0\.\d+: must be a string like the metric's first value"),
+    ("unknown curve key", _set("metrics", "loss", "weights", [1]),
+     (r"metrics\['loss'\]=.*: must have exactly the keys \['steps', 'values'\] \(unknown "
+      r"\['weights'\]\)")),
+    ("schema_version true", _set("schema_version", True),
+     r"schema_version=True: must be the integer 1, got boolean"),
+    ("schema_version 1.0", _set("schema_version", 1.0),
+     r"schema_version=1\.0: must be the integer 1, got number"),
+    ("schema_version 0", _set("schema_version", 0), r"schema_version=0: is invalid"),
+    ("future schema", _set("schema_version", 99), r"schema_version=99: is from the future"),
+    ("missing key", _edit(lambda doc: doc.pop("tolerances")), r"missing key 'tolerances'"),
+    ("unknown key", _set("extra", 1), r"unknown key 'extra'"),
+    ("run empty", _set("run", ""), r"run='': must be a non-empty string"),
+    ("metadata a list", _set("metadata", []), r"metadata=\[\]: must be an object, got array"),
+    ("config hash missing", _edit(lambda doc: doc["metadata"].pop("config_sha256")),
+     r"metadata\.config_sha256=None: must be the run config's SHA-256"),
+    ("negative tolerance", _set("tolerances", "loss", "atol", -1e-6),
+     r"tolerances\['loss'\]\.atol=-1e-06: must be >= 0"),
+    ("tolerance a string", _set("tolerances", "loss", "rtol", "1e-5"),
+     r"tolerances\['loss'\]\.rtol='1e-5': must be a finite number, got string"),
+    ("tolerance missing for a metric", _edit(lambda doc: doc["tolerances"].pop("loss")),
+     r"tolerances=\['lora_norm'\]: must name exactly the golden's metrics \(missing \['loss'\]"),
+    ("signatures an object", _set("signatures", {}),
+     r"signatures=\{\}: must be an array of findings, got object"),
+    ("signature not an object", _set("signatures", ["divergence"]),
+     r"signatures\[0\]='divergence': must be an object"),
+    ("signature missing step", _set("signatures", [
+        {"signature": "divergence", "metric": "loss", "severity": "critical"}]),
+     r"signatures\[0\]=.*: must have exactly the keys .* \(missing \['step'\]\)"),
+    ("signature severity", _set("signatures", [
+        {"signature": "divergence", "metric": "loss", "severity": "fatal", "step": 10}]),
+     r"signatures\[0\]\.severity='fatal': must be one of \['warning', 'critical'\]"),
+    ("signature step null", _set("signatures", [
+        {"signature": "divergence", "metric": "loss", "severity": "critical", "step": None}]),
+     r"signatures\[0\]\.step=None: must be a finite number, got null"),
+    ("signature unknown metric", _set("signatures", [
+        {"signature": "divergence", "metric": "val_loss", "severity": "critical", "step": 10}]),
+     r"signatures\[0\]\.metric='val_loss': is not a metric of this golden"),
+    ("truncated", _raw(lambda doc: json.dumps(doc, indent=1)[:200].encode()),
+     r"cpu.json:\d+:\d+: corrupt golden JSON"),
+    ("not an object", _raw(b"[1, 2]"), r"golden must be a JSON object, got array"),
+    ("empty file", _raw(b""), r"cpu.json:1:1: corrupt golden JSON: Expecting value"),
+    ("pickle renamed cpu.json", _raw(_pickled),
+     r"looks like a Python pickle \(protocol 4\), not JSON; .*nothing is ever unpickled"),
+    ("non-UTF-8 bytes", _raw(b'{"run": "\xff\xfe"}'),
+     r"not UTF-8 text \(byte 0xff at offset 9\)"),
+    ("deep nesting", _raw(b"[" * 100_000 + b"]" * 100_000),
+     r"JSON nested too deeply to read"),
+    ("huge integer over the digit limit", _raw(b'{"schema_version": ' + b"9" * 5000 + b"}"),
+     r"corrupt golden JSON: Exceeds the limit"),
+    ("cpu.json a directory", _directory, r"cpu.json: is a directory, not a golden file"),
+    ("cpu.json a FIFO", _fifo, r"cpu.json: is a FIFO \(named pipe\), not a golden file"),
+    pytest.param("permission denied", _unreadable,
+                 r"cpu.json: cannot read the golden file \(Permission denied\)",
+                 marks=_ROOT_SKIP, id="permission denied"),
+    ("permission denied (simulated)", _permission_denied_simulated,
+     r"cpu.json: cannot read the golden file \(Permission denied\)"),
 ]
 
 
-@pytest.mark.parametrize("text,match", [(t, m) for _, t, m in BAD_GOLDENS],
-                         ids=[n for n, _, _ in BAD_GOLDENS])
-def test_bad_golden_files_are_clear_errors(tmp_path, text, match):
+def _row_id(row):
+    return row.id if hasattr(row, "id") else row[0]
+
+
+@pytest.fixture
+def user_runs(tmp_path, monkeypatch):
+    """A user's own runs module (not reference_models), importable by name, and its golden."""
+    (tmp_path / f"{USER_RUNS_MODULE}.py").write_text(USER_RUNS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, USER_RUNS_MODULE, raising=False)
+    golden_dir = tmp_path / "golden"
+    assert main(["golden", "--runs", USER_RUNS_MODULE, "--golden-dir", str(golden_dir),
+                 "--update"]) == 0
+    return golden_dir, golden_dir / "user-quick" / "cpu.json"
+
+
+def _golden_cli(golden_dir, tmp_path, *extra):
+    return main(["golden", "--runs", USER_RUNS_MODULE, "--golden-dir", str(golden_dir),
+                 "--output", str(tmp_path / "out"), *extra])
+
+
+def test_user_golden_matches_before_corruption(user_runs, tmp_path, capsys):
+    """The baseline of the table below: untouched, the same golden matches (exit 0)."""
+    golden_dir, path = user_runs
+    capsys.readouterr()
+    assert _golden_cli(golden_dir, tmp_path) == 0
+    assert "user-quick (cpu): matches golden" in capsys.readouterr().out
+    assert read_golden(path)["run"] == "user-quick"
+
+
+@pytest.mark.parametrize("name,corrupt,match", CORRUPT_GOLDENS,
+                         ids=[_row_id(r) for r in CORRUPT_GOLDENS])
+def test_corrupt_golden_is_one_clear_line_exit_2(name, corrupt, match, user_runs, tmp_path,
+                                                 capsys, monkeypatch):
+    golden_dir, path = user_runs
+    corrupt(path, json.loads(path.read_text()), monkeypatch)
+    capsys.readouterr()
+    code = _golden_cli(golden_dir, tmp_path)
+    out, err = capsys.readouterr()
+    assert code == 2, (code, out, err)  # 1 would mean "mismatch": a corrupt golden is not one
+    assert out == "" and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith(f"invariants golden: error: {path}"), err
+    assert re.search(match, err), err
+    with pytest.raises(GoldenError, match=match):  # the library (and pytest plugin) path
+        read_golden(path)
+    assert not (tmp_path / "out").exists()  # a corrupt golden is not a mismatch: no .obtained
+
+
+@pytest.mark.parametrize("name,corrupt,match", [r for r in CORRUPT_GOLDENS if _row_id(r) in (
+    "all-null loss", "all-null lora_norm", "pickle renamed cpu.json", "cpu.json a directory")],
+    ids=["all-null loss", "all-null lora_norm", "pickle", "directory"])
+def test_corrupt_golden_fails_the_assertion_the_plugin_calls(name, corrupt, match, user_runs,
+                                                              tmp_path, monkeypatch):
+    """``pytest -m golden`` compares through ``assert_matches_golden``: the same refusal."""
+    golden_dir, path = user_runs
+    corrupt(path, json.loads(path.read_text()), monkeypatch)
+    run = sys.modules[USER_RUNS_MODULE].RUNS[0]
     with pytest.raises(GoldenError, match=match):
-        read_golden(_write(tmp_path / "g.json", text))
+        assert_matches_golden(run, golden_dir, output_dir=tmp_path / "out")
+
+
+def test_a_nan_golden_value_is_a_mismatch_even_unvalidated():
+    """Defence in depth behind validation: a NaN golden (NaN allowed tolerance) never passes."""
+    from invariants.golden.compare import Mismatch, compare_curves
+    problems = compare_curves({"loss": ([0, 1], [1.0, 2.0])},
+                              {"loss": {"steps": [0, 1], "values": [math.nan, math.nan]}},
+                              lambda m: Tolerance(rtol=1e-5, atol=1e-6))
+    assert len(problems) == 1 and isinstance(problems[0], Mismatch)
+    assert (problems[0].count, problems[0].total) == (2, 2)
+
+
+DISK_FULL = [("os.write", "write"), ("os.fsync", "fsync"), ("os.replace", "replace")]
+
+
+@pytest.mark.parametrize("where", [w for _, w in DISK_FULL], ids=[n for n, _ in DISK_FULL])
+def test_full_disk_during_update_keeps_the_old_golden_and_no_temp_file(where, user_runs, tmp_path,
+                                                                       capsys, monkeypatch):
+    golden_dir, path = user_runs
+    doc = json.loads(path.read_text())
+    doc["metadata"]["note"] = "the old golden"  # still valid; an update would rewrite it
+    path.write_text(json.dumps(doc))
+    old = path.read_bytes()
+    calls = []
+
+    def full(*args, **kwargs):
+        calls.append(where)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(os, where, full)
+        code = _golden_cli(golden_dir, tmp_path, "--update")
+    out, err = capsys.readouterr()
+    assert calls, f"the update never called os.{where}"
+    assert code == 2 and out == "" and err.count("\n") == 1, (code, out, err)
+    assert err == (f"invariants golden: error: {path}: cannot write (No space left on device); "
+                   "the old file is unchanged\n")
+    assert path.read_bytes() == old
+    assert os.listdir(path.parent) == ["cpu.json"]  # no temp file left behind
 
 
 def test_golden_for_another_run_is_refused(recorded, tmp_path):

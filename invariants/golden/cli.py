@@ -3,7 +3,9 @@
 ``invariants golden [--runs MODULE] [--run NAME ...] [--device cpu|cuda] [--golden-dir DIR]
 [--output DIR] [--world-size W [--deviations] [--timeout S]]
 [--update | --repeat N | --sweep N [--json]]``.
-Exit 0 when every run matches (or was updated), 1 on a mismatch, 2 on bad usage. ``--sweep N``
+Exit 0 when every run matches (or was updated), 1 on a mismatch, 2 on bad usage or a
+golden that cannot be read, validated or written (``GoldenError``: one line on stderr naming
+the file and the problem, never a traceback; a corrupt golden is not a mismatch). ``--sweep N``
 runs every selected run on seeds 0..N-1 and reports each one's findings and verdict (the scan
 contract's) and its problems; exit 1 when a fixed run shows any finding on any seed, or a
 broken run misses its documented critical collapse on more than 1 seed in 5. The runs

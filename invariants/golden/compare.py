@@ -6,16 +6,16 @@ failure, curves are compared per metric within the run's tolerance table (one
 ``Tolerance`` type; ``GoldenTolerance`` is the same class), the collapse findings must be
 the stored ones, and the run must behave as documented. On mismatch the obtained curves
 and a PNG of golden vs obtained are written to the output directory and the message
-names the metric, step, golden and obtained values, both files and how to update.
+names the metric, step, golden and obtained values, both files and how to update. Both
+files go through ``invariants._atomic`` (the one write helper); one that cannot be written
+is named with the reason in the message, which still reports the mismatch. Any NaN in a
+comparison (golden, obtained or tolerance) is a mismatch, never a pass.
 ``distributed_deviations`` and ``run_spread`` measure what the tolerance tables are set from.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
-import os
-import tempfile
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -23,12 +23,21 @@ import numpy as np
 import torch
 
 from invariants._assertions import invariant_check
-from invariants._errors import InvariantViolation
+from invariants._atomic import write_bytes_atomic
+from invariants._errors import InvalidArgumentError, InvariantViolation
 from invariants._tolerances import Tolerance
 from invariants._validate import require
 from invariants.golden.ranks import assert_ranks_logged_same_curves, execute_distributed
-from invariants.golden.run import (DEFAULT_RUNS_MODULE, Curves, GoldenError, GoldenRun,
-                                   device_key, execute, findings_of, mechanism_problems)
+from invariants.golden.run import (
+    DEFAULT_RUNS_MODULE,
+    Curves,
+    GoldenError,
+    GoldenRun,
+    device_key,
+    execute,
+    findings_of,
+    mechanism_problems,
+)
 from invariants.golden.store import obtained_document, read_golden, write_json_atomic
 
 __all__ = ["GoldenTolerance", "assert_matches_golden", "compare_curves",
@@ -98,10 +107,13 @@ def compare_curves(obtained: Curves, golden: Mapping[str, Mapping[str, list]],
         g = np.asarray(g_values, dtype=np.float64)
         allowed = tol.atol + tol.rtol * np.abs(g)
         diff = np.abs(o - g)
+        # NaN anywhere (a NaN golden, obtained value or tolerance) is a mismatch, never a
+        # pass: ``not (diff <= allowed)`` is true for NaN, ``diff > allowed`` would be false
         diff = np.where(np.isnan(diff), np.inf, diff)
-        bad = diff > allowed
+        bad = ~(diff <= allowed)
         if bad.any():
-            i = int(np.argmax(np.where(bad, diff - allowed, -np.inf)))
+            excess = np.where(np.isnan(allowed), np.inf, diff - allowed)
+            i = int(np.argmax(np.where(bad, excess, -np.inf)))
             problems.append(Mismatch(metric, i, steps[i], float(g[i]), float(o[i]),
                                      float(allowed[i]), int(bad.sum()), len(o)))
     return problems
@@ -123,7 +135,8 @@ def plot_curves(path: Path, run: str, obtained: Curves, golden: Mapping[str, Any
                      if numeric(obtained.get(m, ((), ()))[1])
                      and numeric(golden.get(m, {}).get("values", ())))
     worst = {p.metric: p for p in problems if isinstance(p, Mismatch)}
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(8, 2.4 * len(metrics)), squeeze=False)
+    rows = max(len(metrics), 1)  # a run of text metrics only still gets a (titled) figure
+    fig, axes = plt.subplots(rows, 1, figsize=(8, 2.4 * rows), squeeze=False)
     for ax, metric in zip(axes[:, 0], metrics):
         if metric in golden:
             ax.plot(golden[metric]["steps"], golden[metric]["values"], label="golden", lw=2,
@@ -144,12 +157,23 @@ def plot_curves(path: Path, run: str, obtained: Curves, golden: Mapping[str, Any
         ax.legend(fontsize=7)
     fig.suptitle(f"golden vs obtained: {run}")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    png = io.BytesIO()
+    try:
+        fig.savefig(png, format="png", dpi=80)
+    finally:
+        plt.close(fig)
+    write_bytes_atomic(path, png.getvalue())  # AtomicWriteError names the file and reason
     return path
+
+
+def _written(path: Path, write: Callable[[Path], Any]) -> str:
+    """``path`` once ``write(path)`` wrote it, or why it could not: a mismatch file that
+    cannot be written (disk full, a directory in the way) never masks the mismatch."""
+    try:
+        write(path)
+    except InvalidArgumentError as exc:  # AtomicWriteError, GoldenError: one line each
+        return f"NOT written ({exc})"
+    return str(path)
 
 
 @invariant_check("golden")
@@ -259,16 +283,17 @@ def assert_matches_golden(run: GoldenRun, golden_dir: Path, *, device: torch.dev
         if horizon is not None and problems:
             problems.append(f"  compared at steps < {horizon} only: {run.distributed_horizon[1]}")
     if problems:
-        write_json_atomic(obtained_path,
-                          obtained_document(run, device, curves, tolerance, found))
-        plot = plot_curves(output_dir / f"{run.name}.{key}{suffix}.obtained.png", run.name,
-                           curves, golden["metrics"], problems, found)
+        doc = obtained_document(run, device, curves, tolerance, found)
+        obtained_shown = _written(obtained_path, lambda p: write_json_atomic(p, doc))
+        plot = _written(output_dir / f"{run.name}.{key}{suffix}.obtained.png",
+                        lambda p: plot_curves(p, run.name, curves, golden["metrics"], problems,
+                                              found))
         lines = [p.line() if isinstance(p, Mismatch) else p for p in problems]
         lines += [f"  {m}: excluded from the world-size-{world_size} comparison: {why}"
                   for m, why in sorted(excluded.items())]
         raise InvariantViolation(
             f"golden run {run.name!r} {where} differs from {path}:\n" + "\n".join(lines) +
-            f"\n  obtained curves: {obtained_path}\n  plot: {plot}\n  {update_hint}")
+            f"\n  obtained curves: {obtained_shown}\n  plot: {plot}\n  {update_hint}")
     return curves
 
 

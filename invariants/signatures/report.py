@@ -1,15 +1,18 @@
 """Owns what ``invariants scan`` shows: the text report (``render_report``) and the
-plot of flagged metrics with their thresholds (``write_plot``, written atomically).
+plot of flagged metrics with their thresholds (``write_plot``, rendered in memory and
+written through ``invariants._atomic``: the old plot survives a failed write, the new one
+gets the umask's mode, and a FIFO, device or directory at the name is refused).
 """
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
 
+from invariants._atomic import AtomicWriteError, write_bytes_atomic
 from invariants._errors import InvalidArgumentError
 from invariants.signatures.config import TEXT_METRICS
 from invariants.signatures.findings import Finding, _g, verdict_of
@@ -95,21 +98,15 @@ def write_plot(data: LogData, findings: Sequence[Finding], out: str | os.PathLik
         fig.text(0.01, 0.005, "\n".join(f"{f.signature} @ {f.step}: {f.message}"[:140]
                                         for f in text_findings[:3]), fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, 0.025 * min(len(text_findings), 3) + 0.01 if text_findings else 0, 1, 0.97))
-    directory = os.path.dirname(os.path.abspath(out))
+    png = io.BytesIO()
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".scan-", suffix=".png", dir=directory)
-    except OSError as exc:
-        plt.close(fig)
-        raise InvalidArgumentError(f"--plot={out!r}: cannot write in {directory!r} "
-                                   f"({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=110)
-        os.replace(tmp, out)
+        fig.savefig(png, format="png", dpi=110)
     except OSError as exc:
         raise InvalidArgumentError(f"--plot={out!r}: cannot write the plot "
                                    f"({exc.strerror or exc})") from None
     finally:
-        if os.path.exists(tmp):  # only left behind when savefig or the rename failed
-            os.unlink(tmp)
         plt.close(fig)
+    try:
+        write_bytes_atomic(out, png.getvalue())
+    except AtomicWriteError as exc:  # the old plot is unchanged, no temp file is left
+        raise InvalidArgumentError(f"--plot={out!r}: cannot write the plot: {exc.problem}") from None
