@@ -69,6 +69,7 @@ from invariants._hyperlora_training import (
     assert_param_group_lrs,
 )
 from invariants._lora import (
+    LoraSpec,
     assert_adapter_contribution_negligible,
     assert_adapter_delta_within_bound,
     assert_adapter_gradients_flow_at_init,
@@ -196,6 +197,7 @@ __all__ = [
     "LRScheduleConfig",
     "LogData",
     "LoraConfig",
+    "LoraSpec",
     "NormGovernor",
     "Outcome",
     "PCT_UNDEFINED_BELOW",

@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, TypeVar
 
+import numpy as np
 import torch
+from hypothesis.vendor import pretty as _hypothesis_pretty
 
 from invariants._errors import InvariantViolation
 from invariants._validate import require_same_shape
@@ -59,6 +61,38 @@ def _fmt(x: float) -> str:
     return f"{x:.6g}"
 
 
+# torch dtypes numpy has no type for: printed through float32, which holds them exactly
+_WIDEN = {torch.bfloat16: torch.float32}
+
+
+def tensor_repr(tensor: torch.Tensor) -> str:
+    """``torch.tensor([...], dtype=...)`` rebuilding ``tensor`` exactly (up to 1000 elements).
+
+    Every float is the shortest decimal that round-trips in the tensor's dtype (numpy's
+    ``floatmode="unique"``; bfloat16 through float32, which holds it exactly). Larger tensors are
+    summarised as numpy does ("..."): their shape and dtype are still exact.
+    """
+    t = tensor.detach().cpu()
+    if t.is_complex() or t.is_quantized or t.layout != torch.strided:
+        return repr(tensor)
+    t = t.resolve_conj().resolve_neg()
+    grad = ", requires_grad=True" if tensor.requires_grad else ""
+    if t.numel() == 0:
+        return f"torch.empty({tuple(t.shape)}, dtype={t.dtype}{grad})"
+    array = t.to(_WIDEN.get(t.dtype, t.dtype)).numpy()
+    body = np.array2string(array, separator=", ", floatmode="unique", max_line_width=10**9,
+                           threshold=1000)
+    body = " ".join(body.replace("nan", "float('nan')").replace("inf", "float('inf')").split())
+    return f"torch.tensor({body}, dtype={t.dtype}{grad})"
+
+
+def _pretty_tensor(obj: torch.Tensor, printer: Any, cycle: bool) -> None:
+    printer.text(tensor_repr(obj))
+
+
+_hypothesis_pretty.for_type_by_name("torch", "Tensor", _pretty_tensor)
+
+
 def compare_tensors(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance, *,
                     what: str, exact: bool = False, equal_nan: bool = False) -> str | None:
     """Return ``None`` if equal within ``tol`` (or bit-equal if ``exact``), else a report.
@@ -90,7 +124,6 @@ def compare_tensors(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance
     flat = int(torch.argmax(torch.where(bad, diff, torch.full_like(diff, -1.0))))
     index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape)) \
         if diff.dim() else ()
-    rel = diff / e.abs().clamp_min(torch.finfo(torch.float64).tiny)
     total = diff.numel()
     n_nan = int((torch.isnan(a) | torch.isnan(e)).sum())
     nan_note = f"; {n_nan} element(s) are NaN (NaN never matches)" if n_nan and not equal_nan \
@@ -98,5 +131,18 @@ def compare_tensors(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance
     return (f"{what}: {n_bad} / {total} elements ({100.0 * n_bad / total:.1f}%) differ "
             f"beyond {tol_text}; greatest absolute difference {_fmt(float(diff.max()))} "
             f"at index {index} (actual {_fmt(float(a[index]))}, expected "
-            f"{_fmt(float(e[index]))}); greatest relative difference "
-            f"{_fmt(float(rel[bad].max()))}{nan_note}")
+            f"{_fmt(float(e[index]))}); {_relative_text(diff, e, bad)}{nan_note}")
+
+
+def _relative_text(diff: torch.Tensor, expected: torch.Tensor, bad: torch.Tensor) -> str:
+    """The greatest relative difference over mismatches whose expected value is not 0; a
+    relative difference against 0 is undefined (dividing by the smallest float printed
+    4.99e+307), so those are counted instead."""
+    nonzero = bad & (expected != 0)
+    n_zero = int((bad & (expected == 0)).sum())
+    zero_note = f"; {n_zero} mismatched element(s) expected exactly 0 (relative difference " \
+                "undefined)" if n_zero else ""
+    if not bool(nonzero.any()):
+        return "relative difference undefined: every mismatched element expected 0"
+    rel = diff[nonzero] / expected[nonzero].abs()
+    return f"greatest relative difference {_fmt(float(rel.max()))}{zero_note}"

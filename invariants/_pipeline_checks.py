@@ -6,13 +6,21 @@ Every check takes the caller's own objects (any optimizer and ``transition()``; 
 hashable samples; any ``step(val_loss) -> bool`` stopper; any ``update(val_loss) -> bool``
 tracker with ``best``; any ``clip(parameters, max_norm)`` shaped like
 ``torch.nn.utils.clip_grad_norm_``). "Improvement" means ``value < best - min_delta`` in Python
-floats (float64), ``best`` starting at +inf, NaN never an improvement; equivalent spellings
-can round differently within an ulp of ``min_delta`` (docs/curriculum_lm.md).
+floats (float64), ``best`` starting at +inf, NaN never an improvement.
+
+Which comparisons are exact (docs/curriculum_lm.md): P3 decides every check exactly except a
+gap ``best - value`` within one rounding step of ``min_delta`` (``_within_one_rounding``): there
+the equivalent spellings ``v < best - d``, ``best - v > d`` (transformers'
+``EarlyStoppingCallback``), ``v + d < best`` round differently, and either decision is accepted.
+``best`` itself is compared exactly: a stopper whose best moves on a sub-``min_delta`` gain
+(transformers' callback reads ``state.best_metric``, which moves on any gain) is caught. P4
+decides exactly, by the first spelling (the seed's own fix).
 """
 from __future__ import annotations
 
 import copy
 import math
+from fractions import Fraction
 from typing import Any, Callable, Hashable, Sequence
 
 import torch
@@ -54,6 +62,42 @@ def _losses(name: str, values: Any) -> list[float]:
 
 def _is_improvement(value: float, best: float, min_delta: float) -> bool:
     return value < best - min_delta
+
+
+def _within_one_rounding(value: float, best: float, min_delta: float) -> bool:
+    """True if the exact gap ``best - value`` is within one ulp (of the largest operand) of
+    ``min_delta > 0``: where ``v < best - d``, ``best - v > d`` and ``v + d < best``, each one
+    rounding of a float64 operation, can disagree. With ``min_delta == 0`` every spelling is
+    exact (a float difference is 0 only for equal floats)."""
+    if min_delta == 0 or not (math.isfinite(value) and math.isfinite(best)):
+        return False
+    gap = Fraction(best) - Fraction(value) - Fraction(min_delta)
+    return abs(gap) <= Fraction(math.ulp(max(abs(best), abs(value), min_delta)))
+
+
+def _accepted_stops(val_losses: Sequence[float], patience: int,
+                    min_delta: float) -> tuple[set[int], bool]:
+    """Every check at which a correct stopper may stop, and whether it may never stop.
+
+    Follows every path the rounding edge allows (``_within_one_rounding``: either decision);
+    without an edge this is ``{expected_early_stop(...)}``. States are (best, bad) pairs."""
+    states = {(math.inf, 0)}
+    stops: set[int] = set()
+    for i, value in enumerate(val_losses):
+        nxt = set()
+        for best, bad in states:
+            if _within_one_rounding(value, best, min_delta):
+                choices = (True, False)
+            else:
+                choices = (_is_improvement(value, best, min_delta),)
+            for improved in choices:
+                nxt.add((value, 0) if improved else (best, bad + 1))
+        if any(bad >= patience for _, bad in nxt):
+            stops.add(i)
+        states = {s for s in nxt if s[1] < patience}
+        if not states:
+            return stops, False
+    return stops, True
 
 
 def expected_early_stop(val_losses: Sequence[float], *, patience: int,
@@ -246,11 +290,15 @@ def assert_early_stopping_follows_patience(stopper: Any, val_losses: Sequence[fl
     Protocol: ``stopper.step(val_loss) -> bool`` is called once per validation
     check with a fresh stopper and returns True when training must stop.  The
     expected stop is ``expected_early_stop(val_losses, ...)``: never while
-    improving by more than ``min_delta``, counter reset on every improvement.
-    Feeding ends at the first True.
+    improving by more than ``min_delta``, counter reset on every improvement,
+    ``best`` moved only by an improvement.  Feeding ends at the first True.
+
+    Exact, except at the rounding edge: where ``best - val_loss`` is within one
+    rounding step (ulp) of ``min_delta``, equivalent spellings of the improvement test
+    disagree, and a stop (or no stop) that either decision leads to is accepted.
 
     Raises:
-      InvariantViolation: if it stops at a different check, or not at all.
+      InvariantViolation: if it stops at a check no decision path allows, or not at all.
       InvalidArgumentError: for patience < 1, negative min_delta, or a stopper
         without ``step``.
     """
@@ -268,20 +316,32 @@ def assert_early_stopping_follows_patience(stopper: Any, val_losses: Sequence[fl
             break
     if got == want:
         return
-    shown = ", ".join(f"{float(v):.6g}" for v in val_losses[: (want if want is not None
-                                                                else len(val_losses)) + 1])
+    stops, may_run_on = _accepted_stops(val_losses, patience, min_delta)
+    if (got in stops) if got is not None else may_run_on:
+        return
+    edge = stops - {want}
+    also = (f" (or check(s) {', '.join(str(k + 1) for k in sorted(edge))}"
+            f"{' or no stop' if may_run_on and want is not None else ''}: the improvement test "
+            f"is within one rounding step of min_delta there)" if edge else "")
+    upto = (want if want is not None else len(val_losses) - 1)
+    if got is not None:
+        upto = max(upto, got)
+    shown = ", ".join(repr(float(v)) for v in val_losses[:upto + 1])
     if want is None:
-        fail(f"no stop: no run of {patience} checks without improvement > {min_delta:g}",
+        fail(f"no stop: no run of {patience} checks without improvement > {min_delta!r}{also}",
              f"stopped at check {got + 1} of {len(val_losses)} (val_loss "
-             f"{float(val_losses[got]):.6g}); sequence {shown}",
+             f"{float(val_losses[got])!r}); sequence {shown}",
              hint="stop only after `patience` consecutive non-improving checks; reset the "
-                  "counter on improvement")
+                  "counter on improvement, and move the best only on an improvement > "
+                  "min_delta")
     fail(f"a stop at check {want + 1}: {patience} consecutive checks without improvement "
-         f"> min_delta={min_delta:g}",
+         f"> min_delta={min_delta!r}{also}",
          ("never stopped" if got is None else f"stopped at check {got + 1}")
-         + f" (val_loss up to check {want + 1}: {shown})",
+         + f" (val_loss up to check {upto + 1}: {shown})",
          hint="no early stopping at all? the seed trained 10 epochs on a flat val_loss 2.5"
-         if got is None else "count checks without improvement > min_delta; reset on improvement")
+         if got is None else "count checks without improvement > min_delta; reset on "
+         "improvement; move the best only on an improvement > min_delta (a best that follows "
+         "every small gain stops too early)")
 
 
 # ---------------------------------------------------------------------- P4

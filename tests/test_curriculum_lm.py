@@ -414,8 +414,10 @@ def test_p3_p4_reference_objects_agree_with_the_oracle(losses, patience):
     assert_best_checkpoint_tracks_minimum(clm.BestCheckpoint(0.01), losses, min_delta=0.01)
 
 
-def test_p3_contract_is_the_seeds_spelling_of_improvement():
-    """0.9 -> 0.89 with min_delta 0.01: `v < best - d` says no, `best - v > d` says yes."""
+def test_p3_accepts_either_spelling_within_one_ulp_of_min_delta():
+    """0.9 -> 0.89 with min_delta 0.01: `v < best - d` says no, `best - v > d` says yes. The two
+    differ only by rounding (0.9 - 0.89 is 0.01 within one ulp), so P3 accepts either decision
+    there (docs/curriculum_lm.md); further from the edge the contract is exact."""
     assert (0.89 < 0.9 - 0.01) is False and (0.9 - 0.89 > 0.01) is True
 
     class OtherSpelling:
@@ -430,9 +432,8 @@ def test_p3_contract_is_the_seeds_spelling_of_improvement():
             return self.bad >= 2
     assert_early_stopping_follows_patience(clm.EarlyStopping(2, 0.01), [0.9, 0.89, 0.89],
                                            patience=2, min_delta=0.01)
-    with pytest.raises(InvariantViolation, match=r"a stop at check 3.*\n.*never stopped"):
-        assert_early_stopping_follows_patience(OtherSpelling(), [0.9, 0.89, 0.89],
-                                               patience=2, min_delta=0.01)
+    assert_early_stopping_follows_patience(OtherSpelling(), [0.9, 0.89, 0.89],
+                                           patience=2, min_delta=0.01)
 
 
 # ------------------------------------------------------ strategies reach the edges

@@ -66,3 +66,11 @@ def test_submodules_hold_the_machinery():
     # internals live only in their submodule (issue 13: no longer top-level names)
     for name in ("run_ddp_jobs", "write_json_atomic", "execute_distributed", "build_detectors"):
         assert name not in invariants.__all__
+
+
+def test_lora_spec_is_the_clear_name_and_lora_config_still_works():
+    """`invariants.LoraConfig` clashes with `peft.LoraConfig` when a test imports both;
+    `LoraSpec` is the same class under a name that does not, and the old name is kept."""
+    assert invariants.LoraSpec is invariants.LoraConfig
+    spec = invariants.LoraSpec(in_features=4, out_features=3, rank=2, scale=1.0)
+    assert spec == invariants.LoraConfig(4, 3, 2, 1.0)
