@@ -90,7 +90,14 @@ def _pretty_tensor(obj: torch.Tensor, printer: Any, cycle: bool) -> None:
     printer.text(tensor_repr(obj))
 
 
-_hypothesis_pretty.for_type_by_name("torch", "Tensor", _pretty_tensor)
+def use_exact_tensor_printing() -> None:
+    """Hypothesis prints tensors as ``tensor_repr`` (a ``torch.tensor(...)`` that rebuilds them
+    bit for bit) from now on, in this process.
+
+    Opt-in, never done at import: the pytest plugin calls it for a suite that opted in to the
+    harness's profiles (``invariants_profile``), and ``load_profile`` (``invariants check``,
+    benches, a user's own call) does. A suite that did not ask keeps Hypothesis's printing."""
+    _hypothesis_pretty.for_type_by_name("torch", "Tensor", _pretty_tensor)
 
 
 def compare_tensors(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance, *,

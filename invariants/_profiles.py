@@ -58,4 +58,6 @@ def load_profile(name: str | None = None) -> str:
         raise InvalidArgumentError(
             f"HYPOTHESIS_PROFILE={chosen!r}: unknown profile; choose one of {PROFILES}")
     settings.load_profile(registered_name(chosen))
+    from invariants._assertions import use_exact_tensor_printing
+    use_exact_tensor_printing()   # counterexample tensors that replay exactly (opt-in, here)
     return chosen.removeprefix(NAMESPACE)

@@ -82,6 +82,8 @@ def _load_opted_in_profile(config: pytest.Config) -> str | None:
     opted = str(config.getini(INI_PROFILE) or "").strip()
     if not opted:
         return None
+    from invariants._assertions import use_exact_tensor_printing
+    use_exact_tensor_printing()   # the suite opted in: counterexample tensors replay exactly
     try:
         if config.getoption("hypothesis_profile") is not None:
             return None

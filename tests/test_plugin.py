@@ -148,3 +148,28 @@ def test_distributed_marker_turns_a_hang_into_a_failure(pytester):
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*TimeoutError*test_hangs: distributed test exceeded 0.5s*"])
+
+
+@pytest.mark.parametrize("ini, printed, not_printed", [
+    (None, "t=tensor([0.1000])", "t=torch.tensor("),   # importing invariants alone: no change
+    ("[pytest]\ninvariants_profile = dev\n", "t=torch.tensor([0.1], dtype=torch.float32)", None),
+], ids=["not_opted_in", "opted_in"])
+def test_exact_tensor_printing_only_in_a_suite_that_opted_in(pytester, ini, printed, not_printed):
+    """Hypothesis's printer is process-global: a subprocess per suite keeps ours out of it."""
+    if ini:
+        pytester.makeini(ini)
+    pytester.makepyfile("""
+        import torch
+        from hypothesis import given, strategies as st
+
+        import invariants
+
+        @given(st.just(torch.tensor([0.1])))
+        def test_fails(t):
+            assert t.sum() > 1
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert printed in out, out
+    assert not_printed is None or not_printed not in out, out
