@@ -1,6 +1,13 @@
-"""Signature scan throughput (issue 7).
+"""Signature scan throughput (issues 7 and 18).
 
 - vectorised scan of a 1,000,000-step log with 5 metrics (budget < 2 s);
+- ``invariants scan`` end to end (read + scan, ``scan_file``) of JSONL, CSV and
+  TensorBoard logs of 10^5 and 10^6 records x 5 metrics, each in a fresh process that
+  also reports its peak RSS over its baseline (budgets: 10^6 JSONL <= 1 s; memory
+  <= ``mem_budget_mb``: 64 bytes a value, the bound docs/signatures.md states).
+  TensorBoard runs at 10^5 only by default (writing 5x10^6 events takes minutes);
+  ``BENCH_SCAN_LINES=100000,1000000,10000000`` (or ``--lines``) picks the sizes and
+  ``BENCH_SCAN_FORMATS=jsonl,csv`` (or ``--formats``) the formats;
 - the same detectors written plainly with pandas rolling windows, same data, same run
   (reported with the ratio; pandas is the ``bench`` extra, never a runtime dependency);
 - ``CollapseGuard.update`` with 5 metrics (budget < 20 us per update).
@@ -11,6 +18,7 @@ and the streaming guard keeps all its detectors active: the worst case for both.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 
@@ -111,19 +119,7 @@ def run() -> list[Result]:
     except ImportError:  # pragma: no cover
         out.append(Result("scan: pandas baseline", math.nan, "s", None, None, "pandas not installed"))
 
-    import json
-    import os
-    import tempfile
-    from invariants import scan_file
-    n_file = 100_000
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "log.jsonl")
-        with open(path, "w") as fh:
-            for i in range(n_file):
-                fh.write(json.dumps({"step": i, **{m: float(data[m][i]) for m in METRICS}}) + "\n")
-        t_file = best_of(lambda: scan_file(path), repeat=1)
-    out.append(under(f"scan: JSONL file end to end, {n_file:,} lines x 5 metrics", t_file, "s", None,
-                     "parse + scan; json decoding dominates"))
+    out += file_figures()
 
     n_upd = 100_000
     records = [{m: float(data[m][i]) for m in METRICS} for i in range(n_upd)]
@@ -141,8 +137,122 @@ def run() -> list[Result]:
     return out
 
 
+_PROBE = """
+import json, resource, sys, time
+from invariants.signatures.logs import scan_file
+import pyarrow.json, pyarrow.csv  # noqa: F401  (the readers import them lazily)
+def status(key):
+    return next(int(ln.split()[1]) for ln in open("/proc/self/status")
+                if ln.startswith(key)) / 1024
+base = status("VmRSS")  # resident now, after the imports
+try:  # reset the high-water mark so the imports' own peak does not count
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    peak = lambda: status("VmHWM")
+except OSError:  # pragma: no cover - an overestimate: includes the imports' peak
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+t, c = time.perf_counter(), time.process_time()
+data, found = scan_file(sys.argv[1])
+dt, dc = time.perf_counter() - t, time.process_time() - c
+assert found == [], found
+print(json.dumps({"seconds": dt, "cpu": dc, "records": data.records, "base_mb": base,
+                  "peak_mb": peak()}))
+"""
+
+
+def _write_jsonl(path: str, n: int) -> None:
+    data = _log(n)
+    with open(path, "w") as fh:
+        for s in range(0, n, 100_000):
+            rows = zip(range(s, min(n, s + 100_000)), *(data[m][s:s + 100_000].tolist()
+                                                         for m in METRICS))
+            fh.write("".join('{"step": %d, "loss": %r, "grad_norm": %r, "accuracy": %r, '
+                             '"lora_norm": %r, "entropy": %r}\n' % r for r in rows))
+
+
+def _write_csv(path: str, n: int) -> None:
+    data = _log(n)
+    with open(path, "w") as fh:
+        fh.write("step," + ",".join(METRICS) + "\n")
+        for s in range(0, n, 100_000):
+            rows = zip(range(s, min(n, s + 100_000)), *(data[m][s:s + 100_000].tolist()
+                                                         for m in METRICS))
+            fh.write("".join("%d,%r,%r,%r,%r,%r\n" % r for r in rows))
+
+
+def _write_tensorboard(path: str, n: int) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+    data = _log(n)
+    w = SummaryWriter(path, max_queue=100_000, flush_secs=3600)
+    cols = [data[m].tolist() for m in METRICS]
+    for i in range(n):
+        for m, c in zip(METRICS, cols):
+            w.add_scalar(m, c[i], i)
+    w.close()
+
+
+def mem_budget_mb(n: int) -> float:
+    """The stated bound: 64 bytes per value (5 metrics; 8 kept, the rest the detectors'
+    working arrays), plus 16 parse blocks (64 MB: the block, its carry, the Arrow table
+    and what Arrow's allocator keeps)."""
+    from invariants.signatures.readers.stream import CHUNK_BYTES
+    return 64 * 5 * n / 2**20 + 16 * CHUNK_BYTES / 2**20
+
+
+def _sizes() -> list[int]:
+    raw = os.environ.get("BENCH_SCAN_LINES", "100000,1000000")
+    return [int(float(x)) for x in raw.split(",") if x.strip()]
+
+
+def file_figures(sizes: list[int] | None = None) -> list[Result]:
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    out = []
+    writers = {"jsonl": _write_jsonl, "csv": _write_csv, "tensorboard": _write_tensorboard}
+    formats = os.environ.get("BENCH_SCAN_FORMATS", ",".join(writers)).split(",")
+    for n in sizes or _sizes():
+        for fmt, write in writers.items():
+            if fmt not in formats or (fmt == "tensorboard" and n > 100_000
+                                      and "BENCH_SCAN_LINES" not in os.environ):
+                continue
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, "run" if fmt == "tensorboard" else f"log.{fmt}")
+                write(path, n)
+                proc = subprocess.run([sys.executable, "-c", _PROBE, path], capture_output=True,
+                                      text=True, check=True)
+            r = json.loads(proc.stdout)
+            budget = 1.0 if (fmt == "jsonl" and n == 1_000_000) else None
+            out.append(under(f"scan: {fmt} end to end, {n:,} records x 5 metrics", r["seconds"],
+                             "s", budget, f"read + detectors, fresh process; CPU time {r['cpu']:.3g} s"))
+            out.append(under(f"scan: {fmt} peak RSS over baseline, {n:,} records",
+                             r["peak_mb"] - r["base_mb"], "MB", mem_budget_mb(n),
+                             f"peak VmHWM minus VmRSS after the imports ({r['base_mb']:.0f} MB)"))
+    return out
+
+
 if __name__ == "__main__":  # pragma: no cover
+    import argparse
+    import json
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_scan")
+    parser.add_argument("--json", metavar="FILE", help="also write results as a JSON list")
+    parser.add_argument("--lines", metavar="N,N", help="file sizes (default 100000,1000000)")
+    parser.add_argument("--formats", metavar="F,F", help="jsonl,csv,tensorboard (default all)")
+    parser.add_argument("--files-only", action="store_true", help="only the file figures")
+    args = parser.parse_args()
+    if args.lines:
+        os.environ["BENCH_SCAN_LINES"] = args.lines
+    if args.formats:
+        os.environ["BENCH_SCAN_FORMATS"] = args.formats
     start = time.perf_counter()
-    for r in run():
-        print(r)
+    results = file_figures() if args.files_only else run()
+    for r in results:
+        budget = "-" if r.budget is None else f"{r.budget:g}"
+        met = "-" if r.met is None else ("yes" if r.met else "NO")
+        print(f"{r.name:<58} {r.value:>12.4g} {r.unit:<8} {budget:>10}  {met}"
+              + (f"   # {r.note}" if r.note else ""), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump([r.as_json() for r in results], fh, indent=2)
     print(f"{time.perf_counter() - start:.1f}s")
