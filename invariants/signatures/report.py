@@ -24,9 +24,10 @@ _RATIO_SIGS = ("encoder_grad_share", "encoder_starving")
 def render_report(data: LogData, findings: Sequence[Finding]) -> str:
     """The human-readable report ``invariants scan`` prints by default."""
     verdict = verdict_of(findings)
-    steps = [s for _, st, _ in data.columns.values() for s in st]
+    spans = [(np.min(st), np.max(st)) for _, st, _ in data.columns.values() if len(st)]
+    first, last = min(a for a, _ in spans), max(b for _, b in spans)   # one numpy pass a column
     lines = [f"{data.path}: {data.format}, {data.records} records, {data.step_key} "
-             f"{_g(min(steps))}..{_g(max(steps))}",
+             f"{_g(first.item())}..{_g(last.item())}",
              "metrics: " + ", ".join(f"{m} ({len(c[0])})" for m, c in sorted(data.columns.items()))]
     if data.ignored:
         lines.append("ignored (not canonical, not mapped): " + ", ".join(data.ignored))
