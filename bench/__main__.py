@@ -1,4 +1,7 @@
-"""``python -m bench [--json FILE] [--only NAME]``: run every bench/bench_*.py, print the table."""
+"""``python -m bench [--json FILE] [--only NAME]``: run every bench/bench_*.py, print the table.
+
+``python -m bench detection [--json FILE]``: the detection bench (bench/detection/cli.py).
+"""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +16,10 @@ import bench
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["detection"]:
+        from bench.detection.cli import main as detection
+        return detection(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--json", metavar="FILE", help="also write results as a JSON list")
     parser.add_argument("--only", metavar="NAME", help="run only bench_<NAME>.py")

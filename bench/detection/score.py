@@ -1,0 +1,82 @@
+"""Owns scoring: every detector (ours through the vectorised scanner, the anchors of
+``anchors.py``) on every run of one half of the corpus, and the table
+``{"detectors": [{"name", "healthy_runs", "false_critical", "false_any", "broken_runs",
+"recall", "median_delay"}]}``.
+
+- A healthy run counts in ``false_any`` if the detector raised anything on it, in
+  ``false_critical`` if it raised a critical alarm.
+- A broken run is detected if the detector raised anything at or after the logged point
+  where the cause starts (``onset``); ``recall`` = detected / broken runs; the delay is in
+  logged points from the onset to the first alarm at or after it (``median_delay`` over
+  the detected runs).  ``recall_critical`` counts only critical alarms; ``early`` counts
+  broken runs with an alarm before the onset (a false alarm on the healthy part).
+"""
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+
+from bench.detection import anchors, corpus
+from invariants.signatures import SignatureConfig, VectorisedScanner
+
+METRICS = ("loss", "grad_norm", "lr", "val_loss", "accuracy")
+
+
+def our_alarms(log, config: SignatureConfig | None = None) -> list[tuple[int, str, str]]:
+    """(logged index, severity, signature) of every finding of the vectorised scanner."""
+    steps = log["loss"][0]
+    uniq = np.unique(np.concatenate([log[m][0] for m in METRICS if m in log]))
+    raw = {m: (np.searchsorted(uniq, log[m][0]), log[m][0], log[m][1])
+           for m in METRICS if m in log}
+    out = []
+    for f in VectorisedScanner(config).scan(raw):
+        i = int(np.searchsorted(steps, f.step, side="right")) - 1
+        out.append((max(i, 0), f.severity, f"{f.signature}:{f.metric}"))
+    return sorted(out)
+
+
+def onset_index(spec: corpus.RunSpec, log) -> int | None:
+    if spec.onset is None:
+        return None
+    return max(int(np.searchsorted(log["loss"][0], spec.onset, side="right")) - 1, 0)
+
+
+def row(name: str, results: list[tuple[corpus.RunSpec, int | None, list]]) -> dict:
+    """One table row from ``(spec, onset index, alarms)`` triples."""
+    healthy = [(s, a) for s, o, a in results if s.healthy]
+    broken = [(s, o, a) for s, o, a in results if not s.healthy]
+    delays, crit, early = [], 0, 0
+    for s, o, a in broken:
+        after = [(i, sev) for i, sev, *_ in a if i >= o]
+        if any(i < o for i, *_ in a):
+            early += 1
+        if after:
+            delays.append(after[0][0] - o)
+        if any(sev == "critical" for _, sev in after):
+            crit += 1
+    n_b = len(broken)
+    return {"name": name, "healthy_runs": len(healthy),
+            "false_critical": sum(any(sev == "critical" for _, sev, *_ in a) for _, a in healthy),
+            "false_any": sum(bool(a) for _, a in healthy),
+            "broken_runs": n_b, "recall": round(len(delays) / n_b, 4) if n_b else None,
+            "median_delay": statistics.median(delays) if delays else None,
+            "recall_critical": round(crit / n_b, 4) if n_b else None, "early": early}
+
+
+def evaluate(logs: dict, half: str, config: SignatureConfig | None = None,
+             with_anchors: bool = True) -> tuple[list[dict], dict]:
+    """The table on ``half`` ("tune" or "test"), and our findings per run (for reports)."""
+    runs = [s for s in corpus.specs() if s.half == half]
+    ours, per_run = [], {}
+    for s in runs:
+        log = logs[s.name]
+        a = our_alarms(log, config)
+        per_run[s.name] = a
+        ours.append((s, onset_index(s, log), [(i, sev) for i, sev, _ in a]))
+    table = [row("invariants", ours)]
+    if with_anchors:
+        for name, rule in anchors.ANCHORS.items():
+            table.append(row(name, [(s, onset_index(s, logs[s.name]), rule(logs[s.name]))
+                                    for s in runs]))
+    return table, per_run
