@@ -28,16 +28,8 @@ from invariants._errors import InvalidArgumentError, InvariantViolation
 from invariants._tolerances import Tolerance
 from invariants._validate import require
 from invariants.golden.ranks import assert_ranks_logged_same_curves, execute_distributed
-from invariants.golden.run import (
-    DEFAULT_RUNS_MODULE,
-    Curves,
-    GoldenError,
-    GoldenRun,
-    device_key,
-    execute,
-    findings_of,
-    mechanism_problems,
-)
+from invariants.golden.run import (DEFAULT_RUNS_MODULE, Curves, GoldenError, GoldenRun,
+                                   device_key, execute, findings_of, mechanism_problems)
 from invariants.golden.store import obtained_document, read_golden, write_json_atomic
 
 __all__ = ["GoldenTolerance", "assert_matches_golden", "compare_curves",

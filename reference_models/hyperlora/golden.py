@@ -44,8 +44,8 @@ DISTRIBUTED_CHAOTIC = (
     "size 2 ends at 0.864 (best 0.920) without the divergence. The runaway (lora_norm_kill at "
     "step 10) is asserted here; the collapse at world size 1 and on 5 seeds by the sweep")
 
-RUNS = collapse_pair("hyperlora", collapse, broken_signatures=BROKEN_SIGNATURES,
-                     distributed_tolerances=DISTRIBUTED_TOLERANCES,
-                     distributed_horizon=DISTRIBUTED_HORIZON,
-                     fixed_distributed_horizon=DISTRIBUTED_HORIZON_FIXED,
-                     broken_distributed_chaotic=DISTRIBUTED_CHAOTIC)
+RUNS = collapse_pair(
+    "hyperlora", collapse, broken_signatures=BROKEN_SIGNATURES,
+    distributed_tolerances=DISTRIBUTED_TOLERANCES, distributed_horizon=DISTRIBUTED_HORIZON,
+    fixed_distributed_horizon=DISTRIBUTED_HORIZON_FIXED,
+    broken_distributed_chaotic=DISTRIBUTED_CHAOTIC)

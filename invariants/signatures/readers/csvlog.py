@@ -15,7 +15,7 @@ import io
 import numpy as np
 
 from invariants.signatures.readers.columns import Block, Builder, block_from_records
-from invariants.signatures.readers.jsonl import _arrow, _is_number
+from invariants.signatures.readers.jsonl import _arrow, arrow_block
 from invariants.signatures.readers.stream import Source, err
 
 
@@ -89,42 +89,10 @@ def _fast(pa, chunk: bytes, first_line: int, newlines: int, header: list[str],
                                                   quoted_strings_can_be_null=True))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         return None
-    step = table.column(b.step_key)
-    if step.null_count or not _is_number(pa, step.type):
-        return None
-    steps = step.to_numpy().astype(np.float64, copy=False)
-    if not np.isfinite(steps).all():
-        return None
-    cols = {}
-    for name in header:
-        kind = b.kind(name)
-        if kind is None:
-            continue
-        if b.collision(name):
-            return None
-        col = table.column(name)
-        t = col.type
-        if pa.types.is_null(t):
-            continue
-        if kind == "text":
-            if not pa.types.is_string(t):
-                return None
-            values = np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
-            rows = np.flatnonzero([v is not None and v.strip() != "" for v in values])
-            if len(rows):
-                cols[name] = (rows, values[rows])
-            continue
-        if not _is_number(pa, t):
-            return None
-        if col.null_count == 0:
-            cols[name] = (None, col.to_numpy().astype(np.float64, copy=False))
-        else:
-            rows = np.flatnonzero(np.asarray(col.is_valid()))
-            cols[name] = (rows, col.drop_null().to_numpy().astype(np.float64, copy=False))
     n_lines = newlines + (0 if chunk.endswith(b"\n") else 1)
-    lines = (np.arange(first_line, first_line + len(steps))
-             if n_lines == len(steps) and b'"' not in chunk else None)
-    return Block(steps, cols, first_line, lines)
+    return arrow_block(pa, table, header, b, first_line,
+                       None if b'"' in chunk else n_lines,   # a quoted newline: rows != lines
+                       blank=lambda v: v is None or v.strip() == "", reject_inf=False)
 
 
 def _rows(path: str, text: str, first_line: int, header: list[str]):

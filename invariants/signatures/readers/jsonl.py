@@ -65,17 +65,28 @@ def _fast(pa, chunk: bytes, first_line: int, newlines: int, b: Builder) -> Block
             use_threads=True, block_size=1 << 20))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         return None
-    sk = b.step_key
-    if sk not in table.column_names:
+    if b.step_key not in table.column_names:
         return None
-    step = table.column(sk)
+    n_lines = newlines + (0 if chunk.endswith(b"\n") else 1)
+    return arrow_block(pa, table, table.column_names, b, first_line, n_lines,
+                       blank=lambda v: v is None or v == "", reject_inf=True)
+
+
+def arrow_block(pa, table, names, b: Builder, first_line: int, n_lines: int | None, *,
+                blank, reject_inf: bool) -> Block | None:
+    """A parsed pyarrow table (JSONL or CSV) as a ``Block``, or None when only the slow path
+    can be exact (a non-numeric or non-finite step, a text where a number belongs, a name
+    collision; with ``reject_inf`` an infinity, which only the slow path tells from 1e400).
+    ``blank(v)``: a text cell that means "not logged". ``n_lines``: the chunk's line count
+    when row k is line first_line + k (None when rows and lines may differ)."""
+    step = table.column(b.step_key)
     if step.null_count or not _is_number(pa, step.type):
         return None
     steps = step.to_numpy().astype(np.float64, copy=False)
     if not np.isfinite(steps).all():
         return None
     cols = {}
-    for name in table.column_names:
+    for name in names:
         kind = b.kind(name)
         if kind is None:
             continue
@@ -89,7 +100,7 @@ def _fast(pa, chunk: bytes, first_line: int, newlines: int, b: Builder) -> Block
             if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
                 return None
             values = np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
-            rows = np.flatnonzero([v is not None and v != "" for v in values])
+            rows = np.flatnonzero([not blank(v) for v in values])
             if len(rows):
                 cols[name] = (rows, values[rows])
             continue
@@ -100,10 +111,9 @@ def _fast(pa, chunk: bytes, first_line: int, newlines: int, b: Builder) -> Block
         else:
             rows = np.flatnonzero(np.asarray(col.is_valid()))
             values = col.drop_null().to_numpy().astype(np.float64, copy=False)
-        if np.isinf(values).any():
+        if reject_inf and np.isinf(values).any():
             return None  # 1e400 or a 400-digit integer: the slow path tells them apart
         cols[name] = (rows, values)
-    n_lines = newlines + (0 if chunk.endswith(b"\n") else 1)
     lines = (np.arange(first_line, first_line + len(steps))
              if n_lines == len(steps) else None)  # no blank lines: row k is line first+k
     return Block(steps, cols, first_line, lines)
