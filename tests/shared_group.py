@@ -75,3 +75,13 @@ def group_value(outcome: dict, request: pytest.FixtureRequest, tmp_path_factory)
         pytest.fail(f"the shared group {name!r} failed (reported here once; every other test "
                     f"that uses it is skipped):\n{outcome['error']}", pytrace=False)
     pytest.skip(f"the shared group {name!r} failed: see {reporter}")
+
+
+def shared_run_curves(tmp_path_factory, request: pytest.FixtureRequest, run) -> dict:
+    """A golden run's CPU curves, executed once per session across xdist workers (every test
+    that only reads them shares that one execution; determinism tests execute afresh)."""
+    from invariants.golden.run import execute
+    outcome = shared_outcome(tmp_path_factory, f"golden_curves_{run.name}_"
+                             f"{run.config_sha256[:12]}", lambda: execute(run, "cpu"))
+    return {m: (list(s), list(v))
+            for m, (s, v) in group_value(outcome, request, tmp_path_factory).items()}

@@ -14,18 +14,13 @@ from invariants import InvariantViolation
 from invariants.golden import mechanism_problems
 from invariants.golden.run import execute
 from reference_models.golden_runs import RUNS
-from tests.shared_group import group_value, shared_outcome
+from tests.shared_group import shared_run_curves
 
 
 @pytest.fixture
 def curves_of(request, tmp_path_factory):
     """``curves_of(run)``: the run's CPU curves, executed once per session across workers."""
-    def get(run):
-        outcome = shared_outcome(tmp_path_factory, f"golden_curves_{run.name}_"
-                                 f"{run.config_sha256[:12]}", lambda: execute(run, "cpu"))
-        return {m: (list(s), list(v)) for m, (s, v) in group_value(outcome, request,
-                                                                    tmp_path_factory).items()}
-    return get
+    return lambda run: shared_run_curves(tmp_path_factory, request, run)
 
 
 @pytest.mark.golden

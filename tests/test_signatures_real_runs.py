@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 
 from invariants import CANONICAL_METRICS, Finding, StreamingScanner, scan_series, verdict_of
-from invariants.golden import execute_memoized
 from reference_models.golden_runs import RUNS
+from tests.shared_group import shared_run_curves
 from tests.test_signatures_logs import records_of
 
 _BY_NAME = {r.name: r for r in RUNS}
@@ -62,14 +62,15 @@ BROKEN_SEED_FINDINGS = {
 
 
 @pytest.fixture(scope="module")
-def scanned():
-    """name -> (series of canonical metrics, vectorised findings); each run executed once."""
+def scanned(request, tmp_path_factory):
+    """name -> (series of canonical metrics, vectorised findings); each run executed once per
+    session, shared with the golden tests and across xdist workers."""
     cache: dict[str, tuple[dict, list[Finding]]] = {}
 
     def get(name: str):
         if name not in cache:
             run = _BY_NAME[name]
-            curves = execute_memoized(run, "cpu")
+            curves = shared_run_curves(tmp_path_factory, request, run)
             series = {m: c for m, c in curves.items() if m in CANONICAL_METRICS}
             cache[name] = (series, scan_series(series, run.signature_config))
         return cache[name]
