@@ -110,6 +110,12 @@ def _named_params(step: Callable, params: Any) -> list[tuple[str, torch.Tensor]]
     return named
 
 
+def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype, device and bits (no NaN): no tolerance can fail, skip the report."""
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device \
+        and bool(torch.equal(a.detach(), b.detach()))
+
+
 # ------------------------------------------------------------------ one run
 @dataclass
 class _Run:
@@ -129,14 +135,21 @@ def _loss(outputs: list[tuple[str, torch.Tensor]], seed: int) -> torch.Tensor | 
     return torch.stack([t.to(torch.float64) for t in terms]).sum() if terms else None
 
 
-def _run(call: Callable[[], Any], targets: dict[int, torch.Tensor], seed: int) -> _Run:
+def _run(call: Callable[[], Any], targets: dict[int, torch.Tensor], seed: int, *,
+         discover: Callable[[list[tuple[str, torch.Tensor]]], None] | None = None) -> _Run:
     """Call, backprop the seeded loss, and collect the gradient reaching each target.
 
     Gradients are captured with tensor hooks (summed over calls: the reentrant
     mode runs a second backward inside the first), so the callers' ``.grad``
     fields are saved and restored and nothing of theirs is left changed.
+    ``discover(outputs)``, when given, runs between the call and the backward
+    and may add targets (the plain run finds the upstream leaves in its own graph,
+    so the step is not called a third time just to look): hooks are then armed
+    after the call, which sees the same gradients (a hook fires at backward).
     """
-    captured: dict[int, torch.Tensor | None] = {key: None for key in targets}
+    captured: dict[int, torch.Tensor | None] = {}
+    saved_grads: dict[int, torch.Tensor | None] = {}
+    handles: list[Any] = []
 
     def hook_for(key: int):
         def hook(grad: torch.Tensor) -> None:
@@ -144,14 +157,24 @@ def _run(call: Callable[[], Any], targets: dict[int, torch.Tensor], seed: int) -
             captured[key] = grad.detach().clone() if prev is None else prev + grad.detach()
         return hook
 
-    saved_grads = {key: t.grad for key, t in targets.items() if t.is_leaf}
-    for key in saved_grads:  # backward accumulates in place: park the caller's grads
-        targets[key].grad = None
-    handles = [t.register_hook(hook_for(key)) for key, t in targets.items() if t.requires_grad]
+    def arm() -> None:
+        for key, t in targets.items():
+            captured[key] = None
+            if t.is_leaf:  # backward accumulates in place: park the caller's grads
+                saved_grads[key] = t.grad
+                t.grad = None
+        handles.extend(t.register_hook(hook_for(key)) for key, t in targets.items()
+                       if t.requires_grad)
+
     try:
+        if discover is None:
+            arm()
         with seeded(seed):
             out = call()
         outputs = [(p, t) for p, t in _leaves(out, "out") if t.is_floating_point()]
+        if discover is not None:
+            discover(outputs)
+            arm()
         loss = _loss(outputs, seed)
         if loss is not None:
             loss.backward(retain_graph=True)
@@ -265,31 +288,34 @@ def assert_checkpoint_gradient_equivalent(step: Callable[..., Any], args: tuple 
         names.setdefault(id(p), name)
         targets.setdefault(id(p), p)
 
-    # Plain run first, to discover every leaf that receives a gradient.
-    try:
-        with seeded(seed):
-            probe = step(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - the caller's step is broken, not the checkpoint
-        raise InvalidArgumentError(
-            f"step={step!r}: calling it without checkpointing failed ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); check the arguments") from None
-    probe_outputs = [t for _, t in _leaves(probe, "out") if t.is_floating_point()]
-    require(bool(probe_outputs), "step", step,
-            "returned no floating-point tensor; there is nothing to compare")
-    require(any(t.numel() > 0 for t in probe_outputs), "step", step,
-            f"returned only empty floating tensors (shapes "
-            f"{[tuple(t.shape) for t in probe_outputs][:4]}); outputs must be non-empty")
-    for leaf in _graph_leaves(probe_outputs):
-        if leaf.requires_grad and id(leaf) not in targets:
-            names[id(leaf)] = f"upstream leaf {tuple(leaf.shape)} #{len(names)}"
-            targets[id(leaf)] = leaf
-    del probe, probe_outputs
-    if not any(t.requires_grad for t in targets.values()):
-        raise InvalidArgumentError(
-            f"step={step!r}: nothing requires grad (no parameter, no argument, nothing "
-            "upstream); the gradient comparison would be empty")
+    def plain_step() -> Any:
+        try:
+            return step(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the caller's step is broken, not the checkpoint
+            raise InvalidArgumentError(
+                f"step={step!r}: calling it without checkpointing failed ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); check the arguments") from None
 
-    plain = _run(lambda: step(*args, **kwargs), targets, seed)
+    def discover(outputs: list[tuple[str, torch.Tensor]]) -> None:
+        """Check the plain run's outputs; add every leaf of their graph that requires grad."""
+        floating = [t for _, t in outputs]
+        require(bool(floating), "step", step,
+                "returned no floating-point tensor; there is nothing to compare")
+        require(any(t.numel() > 0 for t in floating), "step", step,
+                f"returned only empty floating tensors (shapes "
+                f"{[tuple(t.shape) for t in floating][:4]}); outputs must be non-empty")
+        for leaf in _graph_leaves(floating):
+            if leaf.requires_grad and id(leaf) not in targets:
+                names[id(leaf)] = f"upstream leaf {tuple(leaf.shape)} #{len(names)}"
+                targets[id(leaf)] = leaf
+        if not any(t.requires_grad for t in targets.values()):
+            raise InvalidArgumentError(
+                f"step={step!r}: nothing requires grad (no parameter, no argument, nothing "
+                "upstream); the gradient comparison would be empty")
+
+    # One plain run: it finds every leaf that receives a gradient (walking its own graph)
+    # and is the yardstick the checkpointed run is compared with.
+    plain = _run(plain_step, targets, seed, discover=discover)
     # The yardstick must be finite: NaN in the plain run is the step's problem (or its
     # inputs'), and NaN compares unequal to itself, so it would read as a checkpoint bug.
     for path, out in plain.outputs:
@@ -321,8 +347,9 @@ def assert_checkpoint_gradient_equivalent(step: Callable[..., Any], args: tuple 
         if p_out.shape != c_out.shape:
             problems.append(f"{path}.shape {tuple(c_out.shape)} vs {tuple(p_out.shape)}")
             continue
-        report = compare_tensors(c_out, p_out, tolerance_for(p_out.dtype, rtol=rtol, atol=atol),
-                                 what=f"{path} (checkpointed vs plain)")
+        tol = tolerance_for(p_out.dtype, rtol=rtol, atol=atol)  # validates rtol/atol, dtype
+        report = None if _bit_equal(c_out, p_out) else compare_tensors(
+            c_out, p_out, tol, what=f"{path} (checkpointed vs plain)")
         if report:
             problems.append(report)
     # Gradients.
@@ -340,9 +367,9 @@ def assert_checkpoint_gradient_equivalent(step: Callable[..., Any], args: tuple 
         g_plain, g_ckpt = plain.grads[key], ckpt_run.grads[key]
         if g_plain is None or g_ckpt is None:
             continue
-        report = compare_tensors(g_ckpt, g_plain,
-                                 tolerance_for(g_plain.dtype, rtol=rtol, atol=atol),
-                                 what=f"grad of {names[key]}")
+        tol = tolerance_for(g_plain.dtype, rtol=rtol, atol=atol)
+        report = None if _bit_equal(g_ckpt, g_plain) else compare_tensors(
+            g_ckpt, g_plain, tol, what=f"grad of {names[key]}")
         if report:
             problems.append(report)
     if problems:

@@ -1,6 +1,8 @@
 """The ``invariants`` command line.
 
-``invariants check`` runs the kill matrix (contract in DESIGN.md). Other
+``invariants check`` runs the kill matrix (contract in DESIGN.md), its cases spread over
+forked worker processes (``--jobs``, ``_catalog.run_cases``; the output does not depend on
+how many), and prints the elapsed time of the run in its last line. Other
 subcommands (``scan``, ``golden``) register themselves through ``_SUBCOMMANDS``:
 each entry is a module exposing ``register(subparsers)`` that sets
 ``func=handler(args) -> exit code`` on its parser.
@@ -13,14 +15,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
+import time
 from collections import defaultdict
 from typing import Sequence
 
-from invariants._catalog import Outcome, load_catalog, run_case
+from invariants._catalog import Outcome, load_catalog, run_cases
 from invariants._determinism import set_num_threads
 from invariants._errors import InvalidArgumentError
 from invariants._profiles import load_profile
+from invariants._validate import require
 
 _SUBCOMMANDS: tuple[str, ...] = ("invariants.signatures.cli", "invariants.golden.cli")
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -66,9 +71,25 @@ def _first(text: str | None, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+#: ``--jobs`` default: one worker process per usable CPU (over ``--threads``), at most this
+#: many (the catalog's slowest cases, 1-2 s each, bound what more workers gain), and none
+#: for fewer than two cases a worker (forking and torch's first-use imports cost ~1 s).
+MAX_AUTO_JOBS = 4
+
+
+def _jobs(jobs: int | None, threads: int, n_cases: int) -> int:
+    if jobs is not None:
+        require(jobs >= 1, "--jobs", jobs,
+                "must be an integer >= 1 (1: every case in this process)")
+        return jobs
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_AUTO_JOBS, (cpus or 1) // max(1, threads), n_cases // 2))
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     profile = load_profile()
     set_num_threads(args.threads)
+    _jobs(args.jobs, args.threads, 0)  # a bad --jobs is refused before anything is loaded
     cases = load_catalog(args.catalog)
     if args.system:
         systems = sorted({c.system for c in cases})
@@ -81,11 +102,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
         cases = [c for c in cases if c.invariant == args.invariant]
         if not cases:
             raise InvalidArgumentError(f"--invariant={args.invariant!r}: no case has this id")
-    outcomes = []
-    for case in cases:
-        outcomes.append(run_case(case))
+
+    def progress(o: Outcome) -> None:
         if not args.json and not args.quiet:
-            print(f"  ran {case.id}: {outcomes[-1].outcome}", file=sys.stderr, flush=True)
+            print(f"  ran {o.case.id}: {o.outcome}", file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    outcomes = run_cases(cases, jobs=_jobs(args.jobs, args.threads, len(cases)),
+                         on_outcome=progress)
+    elapsed = time.perf_counter() - start  # with workers, less than the rows' TIME summed
     ok = all(o.ok for o in outcomes)
     if args.json:
         print(json.dumps({"cases": [o.as_json() for o in outcomes], "ok": ok}, indent=2))
@@ -96,7 +121,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"\n{sum(o.ok for o in outcomes if o.case.expected == 'holds')}/{n_fixed} fixed hold, "
               f"{sum(o.ok for o in outcomes if o.case.expected != 'holds')}/{n_broken} broken "
               f"caught or claims refuted (Hypothesis profile {profile!r}, "
-              f"{sum(o.seconds for o in outcomes):.1f}s): {'OK' if ok else 'FAILED'}")
+              f"{elapsed:.1f}s): {'OK' if ok else 'FAILED'}")
     return EXIT_OK if ok else EXIT_FAIL
 
 
@@ -112,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the JSON contract instead")
     check.add_argument("--threads", type=int, default=1,
                        help="torch intra-op threads (default 1: the reference models are tiny)")
+    check.add_argument("--jobs", type=int, default=None,
+                       help="worker processes running cases side by side (default: one per "
+                            f"usable CPU, at most {MAX_AUTO_JOBS}, none for fewer than 2 cases "
+                            "each; 1: all in this process); outcomes, counterexamples and "
+                            "output order do not depend on it")
     check.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     check.set_defaults(func=_cmd_check)
     for name in _SUBCOMMANDS:

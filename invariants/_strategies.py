@@ -5,9 +5,16 @@ or a strategy.  Arguments are validated before anything is drawn, and errors
 echo ``name=value``.  The edges we aim at: exact zero, tiny and huge
 magnitudes, values just below / at / above a bound, batch 1, rank 1, bfloat16,
 and non-contiguous tensors.
+
+Strategy objects that a draw would otherwise rebuild every time (the element strategy and
+the array strategy inside ``float_tensors``, and ``float_tensors`` itself, which the cases
+call inside their properties) are built once per distinct argument set and reused: Hypothesis
+validates and labels a new strategy object on its first draw, which cost more than the draw.
+A strategy's draws depend on its structure only, so reuse never changes an example.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -43,6 +50,7 @@ def dtypes(*, include: Sequence[torch.dtype] = (torch.float32, torch.float64,
     return st.sampled_from(include)
 
 
+@functools.lru_cache(maxsize=256)
 def _elements(min_magnitude: float, max_magnitude: float,
               allow_zero: bool) -> st.SearchStrategy[float]:
     """Signed values with |x| in [min, max]: the edges, every decade between, and uniform.
@@ -68,6 +76,11 @@ def _elements(min_magnitude: float, max_magnitude: float,
     return st.one_of(parts)
 
 
+@functools.lru_cache(maxsize=1024)
+def _arrays(shape: tuple[int, ...], element: st.SearchStrategy[float]) -> st.SearchStrategy:
+    return hnp.arrays(np.float64, shape, elements=element)
+
+
 @st.composite
 def _tensor(draw, shape, dtype, min_magnitude, max_magnitude, allow_zero, noncontiguous):
     shape = tuple(draw(shape))
@@ -76,8 +89,7 @@ def _tensor(draw, shape, dtype, min_magnitude, max_magnitude, allow_zero, noncon
     if max_magnitude > limit:
         raise InvalidArgumentError(
             f"max_magnitude={max_magnitude:g}: exceeds the largest finite {dtype} ({limit:g})")
-    element = _elements(min_magnitude, max_magnitude, allow_zero)
-    array = draw(hnp.arrays(np.float64, shape, elements=element))
+    array = draw(_arrays(shape, _elements(min_magnitude, max_magnitude, allow_zero)))
     values = torch.from_numpy(array).to(dtype)
     if draw(noncontiguous) and len(shape) >= 1 and values.numel() > 1:
         wide = torch.zeros(shape[:-1] + (2 * shape[-1],), dtype=dtype)
@@ -116,8 +128,18 @@ def float_tensors(*, shape: Any = _DEFAULT_SHAPES, dtype: Any = torch.float32,
         for side in shape:
             require(isinstance(side, int) and side >= 0, "shape", shape,
                     "sides must be integers >= 0")
+    key = (shape, dtype, float(min_magnitude), float(max_magnitude), allow_zero, noncontiguous)
+    try:
+        return _float_tensors(*key)
+    except TypeError:  # an unhashable argument (a list shape): build it uncached
+        return _float_tensors.__wrapped__(*key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _float_tensors(shape: Any, dtype: Any, min_magnitude: float, max_magnitude: float,
+                   allow_zero: bool, noncontiguous: Any) -> st.SearchStrategy[torch.Tensor]:
     return _tensor(_as_strategy(shape, "shape"), _as_strategy(dtype, "dtype"),
-                   float(min_magnitude), float(max_magnitude), allow_zero,
+                   min_magnitude, max_magnitude, allow_zero,
                    _as_strategy(noncontiguous, "noncontiguous"))
 
 

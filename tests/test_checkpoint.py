@@ -149,6 +149,20 @@ def test_check_leaves_callers_grads_untouched():
     assert hyper.a["input"].weight.grad is None
 
 
+def test_check_runs_the_step_once_plainly_then_checkpointed():
+    """No separate probe: the plain run finds the upstream leaves and is the yardstick."""
+    solver, hyper, x, deltas = _first_step()
+    calls = []
+
+    def step(*args):
+        calls.append(torch.is_grad_enabled())
+        return solver(*args)
+
+    assert_checkpoint_gradient_equivalent(step, (x, None, deltas), use_reentrant=False,
+                                          params=hyper)
+    assert len(calls) == 3  # plain, checkpointed forward, its recomputation during backward
+
+
 # ----------------------------------------------------------- a user's function, never seen
 def test_check_on_a_user_function_with_nested_dicts_none_and_kwargs():
     torch.manual_seed(3)

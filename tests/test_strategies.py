@@ -99,3 +99,38 @@ BAD_ARGUMENTS = [
 @pytest.mark.parametrize("make,match", refusals(BAD_ARGUMENTS))
 def test_bad_strategy_arguments(make, match):
     assert_refused(make, match)
+
+
+# ----------------------------------------------------------- strategy objects built once
+def _drawn(strategy_for, n=60):
+    """The tensors a derandomized property draws from ``strategy_for(shape)`` per example."""
+    out = []
+
+    @settings(max_examples=n, derandomize=True, database=None)
+    @given(st.data())
+    def prop(data):
+        shape = data.draw(st.tuples(st.integers(1, 4), st.integers(1, 6)))
+        out.append(data.draw(strategy_for(shape)))
+    prop()
+    return out
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"dtype": dtypes()}, {"min_magnitude": 1e-6}],
+                         ids=["default", "dtypes", "tiny"])
+def test_float_tensors_reuse_changes_no_example(kwargs):
+    """float_tensors called inside a property (as the catalog does) is built once per argument
+    set; the examples are the ones a freshly built strategy gives."""
+    from invariants import _strategies
+    assert float_tensors(shape=(2, 3), **kwargs) is float_tensors(shape=(2, 3), **kwargs)
+    cached = _drawn(lambda shape: float_tensors(shape=shape, **kwargs))
+    fresh = _drawn(lambda shape: _strategies._float_tensors.__wrapped__(
+        shape, kwargs.get("dtype", torch.float32), kwargs.get("min_magnitude", 0.0), 1e3,
+        True, st.booleans()))
+    assert len(cached) == len(fresh) > 10
+    for a, b in zip(cached, fresh):
+        assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
+
+
+def test_float_tensors_take_an_unhashable_shape():
+    t = find(float_tensors(shape=[2, 3]), lambda t: True, settings=settings(database=None))
+    assert t.shape == (2, 3)
