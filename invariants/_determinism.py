@@ -41,11 +41,26 @@ def _require_threads(n: int) -> None:
             "must be an integer >= 1")
 
 
+def _accelerator_present() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return (torch.cuda.is_available() or bool(mps and mps.is_available())
+            or bool(xpu and xpu.is_available()))
+
+
 def seed_all(seed: int) -> None:
-    """Seed python's ``random``, numpy's global RNG and torch's RNGs with ``seed``."""
+    """Seed python's ``random``, numpy's global RNG and torch's RNGs with ``seed``.
+
+    Without an accelerator only torch's CPU generator exists, and seeding it directly gives
+    the same state as ``torch.manual_seed``, which also formats the call stack for its lazy
+    CUDA/XPU/MTIA seeding (~0.6 ms at Hypothesis's stack depth; the catalog seeds ~900
+    times). With one, ``torch.manual_seed`` seeds every device as usual."""
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    if _accelerator_present():
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 @contextlib.contextmanager
