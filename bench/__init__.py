@@ -25,6 +25,14 @@ class Result:
         return d
 
 
+def row(r: Result) -> str:
+    """One printed line: figure, unit, budget, met (and the note)."""
+    budget = "-" if r.budget is None else f"{r.budget:g}"
+    met = "-" if r.met is None else ("yes" if r.met else "NO")
+    return (f"{r.name:<58} {r.value:>12.4g} {r.unit:<8} {budget:>10}  {met}"
+            + (f"   # {r.note}" if r.note else ""))
+
+
 def under(name: str, value: float, unit: str, budget: float | None, note: str = "") -> Result:
     """A figure whose budget is an upper bound."""
     return Result(name, value, unit, budget, None if budget is None else value <= budget, note)

@@ -38,10 +38,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         for r in importlib.import_module(f"bench.{name}").run():
             results.append(r)
-            budget = "-" if r.budget is None else f"{r.budget:g}"
-            met = "-" if r.met is None else ("yes" if r.met else "NO")
-            print(f"{r.name:<58} {r.value:>12.4g} {r.unit:<8} {budget:>10}  {met}"
-                  + (f"   # {r.note}" if r.note else ""), flush=True)
+            print(bench.row(r), flush=True)
         print(f"  ({name}: {time.perf_counter() - start:.1f}s)", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps([r.as_json() for r in results], indent=2) + "\n")

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import Result, under
+from bench import Result, row, under
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 6.0
@@ -118,10 +118,7 @@ if __name__ == "__main__":  # pragma: no cover
         os.environ["BENCH_CHECK_CASES"] = "0"
     results = run()
     for r in results:
-        budget = "-" if r.budget is None else f"{r.budget:g}"
-        met = "-" if r.met is None else ("yes" if r.met else "NO")
-        print(f"{r.name:<58} {r.value:>12.4g} {r.unit:<8} {budget:>10}  {met}"
-              + (f"   # {r.note}" if r.note else ""), flush=True)
+        print(row(r), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps([r.as_json() for r in results], indent=2) + "\n")
     sys.exit(0 if all(r.met is not False for r in results) else 1)

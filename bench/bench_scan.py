@@ -24,7 +24,7 @@ import warnings
 
 import numpy as np
 
-from bench import Result, best_of, under
+from bench import Result, best_of, row, under
 from invariants import CollapseGuard, SignatureConfig, VectorisedScanner
 
 N = 1_000_000
@@ -248,10 +248,7 @@ if __name__ == "__main__":  # pragma: no cover
     start = time.perf_counter()
     results = file_figures() if args.files_only else run()
     for r in results:
-        budget = "-" if r.budget is None else f"{r.budget:g}"
-        met = "-" if r.met is None else ("yes" if r.met else "NO")
-        print(f"{r.name:<58} {r.value:>12.4g} {r.unit:<8} {budget:>10}  {met}"
-              + (f"   # {r.note}" if r.note else ""), flush=True)
+        print(row(r), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump([r.as_json() for r in results], fh, indent=2)
