@@ -1,3 +1,4 @@
+"""Owns ``python -m invariants``: the same command as the ``invariants`` console script."""
 import sys
 
 from invariants._cli import main
