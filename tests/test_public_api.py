@@ -13,7 +13,7 @@ def test_all_is_sorted_unique_and_public():
 # public submodules: the machinery (golden, distributed, signatures), the fixes users import into
 # training code, and the argument checks reference models share; attributes of the package
 # because they are imported, never re-exported names
-SUBPACKAGES = {"distributed", "fixes", "golden", "signatures", "validation"}
+SUBPACKAGES = {"distributed", "fixes", "golden", "integrations", "signatures", "validation"}
 
 
 def test_no_private_names_leak():
