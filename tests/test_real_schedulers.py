@@ -4,7 +4,8 @@ P6's contract: the steps that exist are the optimizer steps 0..T-1, and the deca
 between the one reaching eta_min at T (transformers) and at T-1 (OneCycleLR). Each row builds a
 fresh scheduler; `holds` rows must pass, `caught` rows must fail naming the cause. P3 runs
 transformers' own EarlyStoppingCallback the way Trainer drives it (the callback reads
-`state.best_metric`, which Trainer moves on *any* gain after the callback ran).
+`state.best_metric`, which Trainer moves on *any* gain after the callback ran), and Lightning's
+own EarlyStopping decision on drawn validation curves.
 """
 import math
 import os
@@ -15,7 +16,7 @@ import torch
 from hypothesis import given, strategies as st
 from torch import nn
 
-from invariants import (InvalidArgumentError, InvariantViolation,
+from invariants import (InvalidArgumentError, InvariantViolation, val_loss_sequences,
                         assert_early_stopping_follows_patience, assert_lr_schedule_warmup_cosine,
                         expected_early_stop)
 
@@ -224,4 +225,41 @@ def test_edge_tolerance_is_one_rounding_step_not_more():
     assert expected_early_stop(losses, patience=2, min_delta=0.01) == 2
     with pytest.raises(InvariantViolation, match=r"a stop at check 3.*\n.*never stopped"):
         assert_early_stopping_follows_patience(LooseStopper(2, 0.01), losses, patience=2,
+                                               min_delta=0.01)
+
+
+# ------------------------------------------------ P3 on Lightning's own EarlyStopping
+class LightningStopper:
+    """Lightning's EarlyStopping decision, the method its ``on_validation_end`` calls
+    (``_evaluate_stopping_criteria``), fed float64 tensors as a LightningModule logs them."""
+
+    def __init__(self, patience, min_delta):
+        from lightning.pytorch.callbacks import EarlyStopping
+        self.callback = EarlyStopping(monitor="val_loss", patience=patience,
+                                      min_delta=min_delta, mode="min")
+
+    def step(self, v):
+        stop, _ = self.callback._evaluate_stopping_criteria(torch.tensor(v, dtype=torch.float64))
+        return bool(stop)
+
+
+@given(losses=val_loss_sequences(min_delta=0.01), patience=st.integers(1, 4))
+def test_lightning_early_stopping_follows_patience(losses, patience):
+    """Lightning moves its best only on an improvement of more than min_delta
+    (`current + min_delta < best`), so it holds where HF's callback does not."""
+    assert_early_stopping_follows_patience(LightningStopper(patience, 0.01), losses,
+                                           patience=patience, min_delta=0.01)
+
+
+def test_lightning_holds_on_the_sub_threshold_gains_that_catch_hf():
+    losses = [1.0, 0.995, 0.99, 0.985, 0.984]
+    assert_early_stopping_follows_patience(LightningStopper(3, 0.01), losses, patience=3,
+                                           min_delta=0.01)
+
+
+def test_lightning_with_the_wrong_patience_is_caught():
+    """Teeth: Lightning's callback configured with patience 3 checked against patience 2."""
+    losses = [1.0, 1.0, 1.0, 1.0, 1.0]
+    with pytest.raises(InvariantViolation, match=r"stop at check 3"):
+        assert_early_stopping_follows_patience(LightningStopper(3, 0.01), losses, patience=2,
                                                min_delta=0.01)
