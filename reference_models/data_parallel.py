@@ -81,6 +81,30 @@ def gather(t: torch.Tensor, dim: int = 0, *, full: int | None = None) -> torch.T
     return torch.cat([p.narrow(dim, 0, int(s)) for p, s in zip(parts, sizes)], dim)
 
 
+def gather_rows(*tensors: torch.Tensor, full: int) -> tuple[torch.Tensor, ...]:
+    """``gather(t, full=full)`` of every tensor, in ONE collective (exact: bytes are moved).
+
+    The tensors are shards of the same rows (dim 0), of any dtypes and trailing shapes:
+    each row's bytes are packed side by side, all-gathered once, and unpacked. On a busy
+    machine a collective costs about a millisecond of waiting for the other rank, so a
+    step's metrics travel together (measured: evolving_context's world-size-2 run spent
+    5.5 s of 14.7 s in its five per-step gathers). Same results as one ``gather`` per
+    tensor, bit for bit; without a process group (or with the metric reduction off)
+    returns the tensors.
+    """
+    if not active() or not metrics_reduced():
+        return tensors
+    rows = tensors[0].shape[0]
+    flat = [t.detach().contiguous().reshape(rows, -1).view(torch.uint8) for t in tensors]
+    whole = gather(torch.cat(flat, 1), full=full)                          # (full, bytes)
+    out, start = [], 0
+    for t, f in zip(tensors, flat):
+        part = whole[:, start:start + f.shape[1]].contiguous()
+        out.append(part.view(t.dtype).reshape(full, *t.shape[1:]))
+        start += f.shape[1]
+    return tuple(out)
+
+
 def wrap(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
     """``DistributedDataParallel(model)`` under a process group (CPU, gloo), else ``model``."""
     if not active():

@@ -249,4 +249,26 @@ def suite_worker(rank: int, world_size: int, jobs: dict) -> dict:
                 key = f"{name}.{'reduced' if reduced else 'naive'}"
                 out["decisions"][key] = fn(rank, reduced)
         out["decisions"]["collapse_guard_raise.reduced"] = guard_raise_steps(rank, True)
+        out["gather_rows"] = gather_rows_agrees(rank, world_size)
     return out
+
+
+def gather_rows_agrees(rank: int, world_size: int) -> dict:
+    """``data_parallel.gather_rows`` (one collective) against one ``gather`` per tensor:
+    mixed dtypes (float32, int64, bool, float64) and trailing shapes, unequal shards
+    (5 rows over 2 ranks: 2 and 3)."""
+    import torch
+    from reference_models import data_parallel
+    full = 5
+    gen = torch.Generator().manual_seed(7)
+    tensors = (torch.randn(full, 3, 4, generator=gen),
+               torch.randint(0, 9, (full, 2), generator=gen),
+               torch.rand(full, generator=gen) < 0.5,
+               torch.randn(full, 1, generator=gen, dtype=torch.float64))
+    shards = data_parallel.shard(*tensors)
+    packed = data_parallel.gather_rows(*shards, full=full)
+    one_by_one = [data_parallel.gather(t, full=full) for t in shards]
+    return {"shard_rows": [len(t) for t in shards],
+            "dtypes": [str(t.dtype) for t in packed],
+            "equal_to_one_by_one": [bool(torch.equal(a, b)) for a, b in zip(packed, one_by_one)],
+            "equal_to_full": [bool(torch.equal(a, b)) for a, b in zip(packed, tensors)]}

@@ -242,3 +242,15 @@ def test_no_rank_process_outlives_the_group(suite):
     alive = [p for p in multiprocessing.active_children() if p.is_alive()]
     assert not alive, f"leftover processes: {alive}"
     assert suite["seconds"] < GROUP_BACKSTOP_S
+
+
+def test_gather_rows_moves_every_tensor_in_one_collective_bit_for_bit(suite):
+    """The golden runs' per-step metrics travel in one packed all-gather
+    (``data_parallel.gather_rows``): the same tensors as one ``gather`` each, and the full
+    batch each rank started from, for mixed dtypes and unequal shards."""
+    for rank, out in enumerate(suite["ranks"]):
+        got = out["gather_rows"]
+        assert got["shard_rows"] == [[2, 3][rank]] * 4, got
+        assert got["dtypes"] == ["torch.float32", "torch.int64", "torch.bool", "torch.float64"]
+        assert got["equal_to_one_by_one"] == [True] * 4, (rank, got)
+        assert got["equal_to_full"] == [True] * 4, (rank, got)

@@ -288,10 +288,9 @@ def run(cfg: CurriculumGoldenConfig, seed: int, device: torch.device | str = "cp
                 opt.step()
                 if distributed:          # the FULL batch's loss, same formula
                     with torch.no_grad():
-                        full = data_parallel.gather(xy, full=cfg.batch_size)
-                        loss = F.cross_entropy(
-                            data_parallel.gather(logits, full=cfg.batch_size).flatten(0, 1),
-                            full[:, 1:].flatten())
+                        full, logits = data_parallel.gather_rows(xy, logits,
+                                                                 full=cfg.batch_size)
+                        loss = F.cross_entropy(logits.flatten(0, 1), full[:, 1:].flatten())
                 losses.append(loss.detach())
                 norms.append(norm.detach())
                 lrs.append(lr)

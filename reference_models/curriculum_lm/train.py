@@ -141,7 +141,7 @@ def _ddp_lm_step(net: _DDPLM, tokens: torch.Tensor) -> torch.Tensor:
 
 def _full_batch_lm_loss(net: _DDPLM) -> torch.Tensor:
     """``lm_loss``'s formula on the full batch, gathered (exactly) from every rank."""
-    logits = data_parallel.gather(net.logits, full=net.full)         # (B, T, V)
-    targets = data_parallel.gather(net.targets, full=net.full)       # (B, T)
+    logits, targets = data_parallel.gather_rows(net.logits, net.targets,
+                                                full=net.full)     # (B, T, V), (B, T)
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                        targets.reshape(-1), ignore_index=0)

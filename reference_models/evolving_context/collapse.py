@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from invariants.distributed import metric_reduction
+from invariants.distributed import metric_reduction, metrics_reduced
 from reference_models import data_parallel
 
 __all__ = ["EvolvingGoldenConfig", "FIXED", "BROKEN", "ABLATIONS", "NOTE", "run",
@@ -256,11 +256,12 @@ def run(cfg: EvolvingGoldenConfig, seed: int, device: torch.device | str = "cpu"
         loss.backward()                  # under DDP: the gradients are all-reduced here
         with torch.no_grad():
             if distributed:              # the FULL batch's tensors, same formulas below
-                z = _replicate(z_s, B)                       # the carry: on every rank
-                z_prev = data_parallel.gather(z_prev_s, full=B)
-                z_new = data_parallel.gather(z_s, full=B)
-                loss = F.mse_loss(data_parallel.gather(pred_s, full=B),
-                                  data_parallel.gather(y_s, full=B))
+                z_prev, z_new, pred, y = data_parallel.gather_rows(z_prev_s, z_s, pred_s, y_s,
+                                                                   full=B)
+                # the carry, on every rank: the gathered z_s itself, unless the metrics are
+                # not reduced (then z_new is this rank's shard and the carry its own gather)
+                z = z_new if metrics_reduced() else _replicate(z_s, B)
+                loss = F.mse_loss(pred, y)
             else:
                 z_new = z
             g_enc = torch.linalg.vector_norm(

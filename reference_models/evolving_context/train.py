@@ -129,11 +129,12 @@ def _ddp_train_step(net: nn.Module, model: EvolvingContextModel, opt: torch.opti
     x, demos, y = data_parallel.shard(*batch)
     loss, logits, pairs, metrics = _optimise(net, model, opt, x, demos, y)
     with torch.no_grad():
-        y = data_parallel.gather(y, full=full)
-        logits = [data_parallel.gather(out, full=full) for out in logits]  # S x (B, C)
+        # every ACT step's tensors in one collective; z_prev, z_new: (B, S, L, D) gathered
+        y, *logits, z_prev, z_new = data_parallel.gather_rows(
+            y, *logits, torch.stack([p for p, _ in pairs], 1),
+            torch.stack([n for _, n in pairs], 1), full=full)                # logits: S x (B, C)
         loss = torch.stack([F.cross_entropy(out, y) for out in logits]).mean()
-        z_prev = data_parallel.gather(torch.stack([p for p, _ in pairs]), 1, full=full)
-        z_new = data_parallel.gather(torch.stack([n for _, n in pairs]), 1, full=full)
+        z_prev, z_new = z_prev.transpose(0, 1).contiguous(), z_new.transpose(0, 1).contiguous()
         # z_prev, z_new: (S, B, L, D), the full batch's rows of every ACT step
     return _with_diagnostics(metrics, model, loss, logits, y, z_prev, z_new)
 

@@ -186,8 +186,8 @@ def run(cfg: HyperLoRAGoldenConfig, seed: int, device: torch.device | str = "cpu
         opt.step()
         with torch.no_grad():
             if distributed:              # the metrics of the FULL batch, same formulas
-                logits, target, deltas = (data_parallel.gather(t, full=b)
-                                          for t in (logits, target, deltas))
+                logits, target, deltas = data_parallel.gather_rows(logits, target, deltas,
+                                                                   full=b)
                 ce = F.cross_entropy(logits.flatten(0, 1), target.flatten())
                 loss = ce + cfg.hyperlora_weight_decay * deltas.pow(2).sum()
             norms = frobenius_norms(deltas)                    # (B, 6) float64

@@ -107,9 +107,8 @@ def _train(cfg: HyperLoRAConfig, steps: int, seed: int, stop_on_governor: bool
             with torch.no_grad():
                 if distributed:              # the metrics of the FULL batch, same formulas
                     full = cfg.batch_size
-                    logits = data_parallel.gather(logits, full=full)
-                    target = data_parallel.gather(target, full=full)
-                    deltas = data_parallel.gather(deltas, full=full)
+                    logits, target, deltas = data_parallel.gather_rows(logits, target, deltas,
+                                                                       full=full)
                     ce = F.cross_entropy(logits.flatten(0, 1), target.flatten())
                 norms = frobenius_norms(deltas)                      # (B, T) float64
                 logp = logits.float().log_softmax(-1)

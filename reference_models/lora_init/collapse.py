@@ -240,8 +240,8 @@ def run(cfg: LoraInitGoldenConfig, seed: int, device: torch.device | str = "cpu"
         if ddp is not None:                               # the FULL batch's loss, same formula
             with torch.no_grad():
                 b = cfg.batch_size
-                loss = F.cross_entropy(data_parallel.gather(logits, full=b).flatten(0, 1),
-                                       data_parallel.gather(y, full=b).flatten())
+                logits, y = data_parallel.gather_rows(logits, y, full=b)
+                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         pending[1].append(loss.detach().double())
 
     def flush():

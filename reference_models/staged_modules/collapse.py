@@ -262,8 +262,8 @@ def run(cfg: StagedGoldenConfig, seed: int, device: torch.device | str = "cpu"
                 opt.step()
                 if distributed:          # the FULL batch's loss, same formula
                     with torch.no_grad():
-                        loss = F.cross_entropy(data_parallel.gather(logits, full=cfg.batch),
-                                               data_parallel.gather(y, full=cfg.batch))
+                        loss = F.cross_entropy(*data_parallel.gather_rows(logits, y,
+                                                                          full=cfg.batch))
                 if ema is not None:
                     with torch.no_grad():
                         torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()],

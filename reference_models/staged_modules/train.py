@@ -99,9 +99,10 @@ def train_epochs(cfg: StagedModulesConfig, epochs: int, seed: int, *,
                     ema.update(model)
                 if distributed:              # the FULL batch's loss, same formula
                     with torch.no_grad():
-                        loss = nn.functional.cross_entropy(
-                            data_parallel.gather(logits, full=batch_size).flatten(0, 1),
-                            data_parallel.gather(target, full=batch_size).flatten())
+                        logits, target = data_parallel.gather_rows(logits, target,
+                                                                   full=batch_size)
+                        loss = nn.functional.cross_entropy(logits.flatten(0, 1),
+                                                           target.flatten())
                 losses.append(float(loss.detach()))
             acc, bg, fg_acc = evaluate(model, epoch)
             metrics["loss"].append(sum(losses) / len(losses))
