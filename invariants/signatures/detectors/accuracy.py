@@ -44,16 +44,21 @@ class AccuracyDrop(Detector):
         for a, b, smoothed in _segments(len(s), w):
             seg = s[a:b]
             best = np.maximum.accumulate(seg)
-            if smoothed:
-                t = np.maximum(c.noise_k * nu[a:b] / math.sqrt(w), c.accuracy_drop)
+            if smoothed:   # in place: these arrays are the series' size
+                t = np.multiply(nu[a:b], c.noise_k)
+                t /= math.sqrt(w)
+                np.maximum(t, c.accuracy_drop, out=t)
             else:  # raw points: nu rests on few pairs, take its upper confidence bound
                 cnt = np.maximum(np.minimum(np.arange(a, b) - 1, w), 1).astype(np.float64)
                 t = np.maximum(c.noise_k * nu[a:b] * (1.0 + 1.5 / np.sqrt(cnt)),
                                c.accuracy_drop)
             with np.errstate(divide="ignore", invalid="ignore"):
-                drop = (best - seg) / best
-            known = np.arange(a, b) > c.noise_min_pairs
-            j = _first(known & (best > 0.0) & (drop > t))
+                drop = np.subtract(best, seg)
+                drop /= best
+            fires = drop > t
+            fires &= best > 0.0
+            fires[:max(c.noise_min_pairs + 1 - a, 0)] = False   # judged from pair P + 1 on
+            j = _first(fires)
             if j >= 0:
                 return [self._f(view.step[a + j], seg[j], best[j], t[j], smoothed)]
         return []

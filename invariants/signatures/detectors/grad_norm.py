@@ -22,18 +22,20 @@ def _linear_recurrence(u: np.ndarray, a: float) -> tuple[np.ndarray, float]:
     n = len(u)
     B = int(max(1, min(256, math.floor(math.log(1e6) / -math.log(a)))))
     nb = -(-n // B)
-    U = np.zeros(nb * B)
-    U[:n] = u
-    U = U.reshape(nb, B)
+    Z = np.zeros(nb * B)
+    Z[:n] = u
+    Z = Z.reshape(nb, B)          # in place from here: the arrays are the series' size
     j = np.arange(B, dtype=np.float64)
     up = a ** -j                  # (B,) a^-j  <= 1e6
     down = a ** j                 # (B,) a^j
-    Z = np.cumsum(U * up, axis=1) * down          # (nb, B) zero carry-in
+    Z *= up
+    np.cumsum(Z, axis=1, out=Z)
+    Z *= down                     # (nb, B) zero carry-in
     aB = a ** B
     ends = Z[:, -1].tolist()
     carry = list(itertools.accumulate(ends, lambda c, e: aB * c + e))  # y at each block end
     prev = np.concatenate(([0.0], carry[:-1]))    # (nb,) carry into each block
-    Y = Z + prev[:, None] * (a * down)[None, :]
+    Y = np.add(Z, np.multiply(prev[:, None], (a * down)[None, :]), out=Z)
     bound = 8.0 * B * _EPS * float(up[-1]) / (1.0 - aB)
     return Y.reshape(-1)[:n], bound * float(np.max(np.abs(u)))
 
@@ -127,7 +129,7 @@ class GradNormSpike(Detector):
         mu, err = _linear_recurrence(u, a)
         tol_mu = 100.0 * err + 1e3 * _EPS * M / b  # + the sequential recursion's own rounding
         d = x - mu
-        v = b * (d * d)
+        v = np.multiply(np.multiply(d, d, out=d), b, out=d)
         v[0] = 0.0
         var, err_v = _linear_recurrence(v, a)
         D = 2.0 * M + tol_mu
@@ -136,9 +138,11 @@ class GradNormSpike(Detector):
         tol_thr = tol_mu * (1.0 + cfg.zclip_z * cfg.zclip_sigma_floor) + \
             cfg.zclip_z * math.sqrt(tol_var)
         mp, vp = mu[:-1], var[:-1]
-        sd_eff = np.maximum(np.sqrt(np.maximum(vp, 0.0)), cfg.zclip_sigma_floor * np.abs(mp))
-        thr = mp + cfg.zclip_z * sd_eff
-        cand = x[1:] > thr - tol_thr
+        sd_eff = np.sqrt(np.maximum(vp, 0.0, out=vp), out=vp)
+        np.maximum(sd_eff, np.multiply(np.abs(mp, out=d[1:]), cfg.zclip_sigma_floor,
+                                       out=d[1:]), out=sd_eff)
+        thr = np.add(mp, np.multiply(sd_eff, cfg.zclip_z, out=sd_eff), out=sd_eff)
+        cand = x[1:] > np.subtract(thr, tol_thr, out=thr)
         cand[: max(cfg.zclip_warmup - 1, 0)] = False
         return bool(cand.any())
 

@@ -38,27 +38,29 @@ class LossSpike(Detector):
             return []
         p, w = cfg.spike_min_periods, cfg.spike_window
         v = x - x[0]
-        C = np.cumsum(v)   # C[i - 1] = sum of v[0 .. i-1]
-        Q = np.cumsum(v * v)
+        Q = np.cumsum(np.multiply(v, v), out=np.empty(n))
+        C = np.cumsum(v, out=v)   # C[i - 1] = sum of v[0 .. i-1]
         # window of point i (i >= p): points lo .. i-1 with lo = max(i - w, 0); the sums are
-        # C[i-1] - C[lo-1] (C[-1] = 0), slices rather than gathers
+        # C[i-1] - C[lo-1] (C[-1] = 0), slices rather than gathers, in place (every array
+        # here is the series' size: a temporary costs as much as the arithmetic)
         k = n - p
-        s = min(max(w - p, 0), k)  # points with i < w: lo = 0
-        Ci, Qi = C[p - 1:n - 1], Q[p - 1:n - 1]
-        Clo, Qlo = np.zeros(k), np.zeros(k)
-        m = np.full(k, float(w))
-        m[:s] = np.arange(p, p + s)
-        if k > s:
-            Clo[s:] = C[p + s - w - 1:n - w - 1] if p + s - w - 1 >= 0 else \
-                np.concatenate(([0.0], C[:n - w - 1]))
-            Qlo[s:] = Q[p + s - w - 1:n - w - 1] if p + s - w - 1 >= 0 else \
-                np.concatenate(([0.0], Q[:n - w - 1]))
-        mean = (Ci - Clo) / m
-        var = (Qi - Qlo) / m - mean * mean
-        sd = np.sqrt(np.maximum(var, 0.0))
-        mu = mean + x[0]
-        sd_eff = np.maximum(sd, cfg.spike_sigma_floor * np.abs(mu))
-        thr = mu + cfg.spike_k * sd_eff
+        s = min(max(w - p, 0), k)  # points with i < w: lo = 0, count i
+        mean, var = C[p - 1:n - 1].copy(), Q[p - 1:n - 1].copy()
+        if k > s:                  # points with i >= w: lo = i - w, count w
+            a = p + s - w - 1      # -1 when the first of them has lo = 0
+            mean[s + (a < 0):] -= C[max(a, 0):n - w - 1]
+            var[s + (a < 0):] -= Q[max(a, 0):n - w - 1]
+        count = np.arange(p, p + s, dtype=np.float64)
+        mean[:s] /= count
+        var[:s] /= count
+        mean[s:] /= float(w)
+        var[s:] /= float(w)
+        var -= np.multiply(mean, mean, out=Q[:k])
+        sd = np.sqrt(np.maximum(var, 0.0, out=var), out=var)
+        mu = np.add(mean, x[0], out=mean)
+        sd_eff = np.maximum(sd, np.multiply(np.abs(mu, out=Q[:k]), cfg.spike_sigma_floor,
+                                            out=Q[:k]), out=sd)
+        thr = np.add(mu, np.multiply(sd_eff, cfg.spike_k, out=C[:k]), out=C[:k])
         j = _first(x[p:] >= thr)
         return [self._f(view.step[p + j], x[p + j], thr[j], mu[j], sd_eff[j])] if j >= 0 else []
 
@@ -184,18 +186,24 @@ class Divergence(Detector):
         w = c.smooth_window
         s = _smoothed(x, w)
         nu = _noise(x, w)
-        idx = np.arange(len(x))
+        P = c.noise_min_pairs
         for a, b, smoothed in _segments(len(x), w):
             seg = s[a:b]
-            # noise term phased in over the first noise_min_pairs changes (weight m / 20)
-            wgt = np.minimum(np.maximum(idx[a:b] - 1, 0), c.noise_min_pairs) / \
-                float(c.noise_min_pairs)
-            k = np.maximum(c.noise_k * nu[a:b] / (math.sqrt(w) if smoothed else 1.0) * wgt,
-                           c.divergence_drift)
+            k = np.multiply(nu[a:b], c.noise_k)
+            if smoothed:
+                k /= math.sqrt(w)
+            # noise term phased in over the first noise_min_pairs changes (weight m / 20;
+            # 1 from index P + 1 on)
+            ramp = k[:max(min(P + 1 - a, b - a), 0)]
+            ramp *= np.minimum(np.maximum(np.arange(a, a + len(ramp)) - 1, 0), P) / float(P)
+            np.maximum(k, c.divergence_drift, out=k)
             ref = np.minimum.accumulate(seg)
-            e = (seg - ref) / np.maximum(np.abs(ref), 1e-12)
-            D = np.cumsum(e - k)
-            S = D - np.minimum(np.minimum.accumulate(D), 0.0)
+            den = np.maximum(np.abs(ref), 1e-12)
+            e = np.subtract(seg, ref)
+            e /= den
+            D = np.cumsum(np.subtract(e, k, out=e), out=e)
+            S = np.subtract(D, np.minimum(np.minimum.accumulate(D, out=den), 0.0, out=den),
+                            out=den)
             j = _first(S > c.divergence_h)
             if j >= 0:
                 return [self._f(view.step[a + j], seg[j], ref[j], S[j], k[j], smoothed)]
