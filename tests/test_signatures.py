@@ -7,6 +7,7 @@ import pytest
 from hypothesis import example, given, strategies as st
 
 from invariants import (Finding, InvalidArgumentError, SignatureConfig, StreamingScanner,
+                        VectorisedScanner,
                         metric_series, sample_statistics, scan_records, scan_series, verdict_of)
 from tests.test_signatures_logs import (EPOCH7, HEALTHY_SAMPLES, MODE_COLLAPSE, TOKEN_SOUP,
                                         healthy_run, phase1_epoch7_dense, phase1_epoch_log,
@@ -496,3 +497,20 @@ def test_signatures_package_exports_are_public_and_sorted():
     assert set(signatures.__all__) - machinery <= set(invariants.__all__)
     for name in set(signatures.__all__) - machinery:
         assert getattr(invariants, name) is getattr(signatures, name), name
+
+
+def test_the_vectorised_scan_leaves_the_callers_arrays_as_they_were():
+    """The detectors compute in place over series-sized buffers; never over the input."""
+    rng = np.random.default_rng(3)
+    n = 2_000
+    raw = {m: (np.arange(n), np.arange(n, dtype=np.float64), v)
+           for m, v in (("loss", np.exp(-np.arange(n) / 500) * (1 + 0.3 * rng.standard_normal(n))),
+                        ("grad_norm", 1 + np.abs(rng.standard_t(2, n))),
+                        ("accuracy", np.clip(0.5 + 0.1 * rng.standard_normal(n), 0, 1)),
+                        ("lora_norm", np.linspace(0.1, 6.0, n)),
+                        ("entropy", np.full(n, 0.5)))}
+    before = {m: tuple(a.copy() for a in arrays) for m, arrays in raw.items()}
+    assert VectorisedScanner(SignatureConfig()).scan(raw), "the log should fire (lora_norm)"
+    for m, arrays in raw.items():
+        for got, want in zip(arrays, before[m]):
+            np.testing.assert_array_equal(got, want, err_msg=f"scan modified {m}")
