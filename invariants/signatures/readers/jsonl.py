@@ -82,7 +82,7 @@ def arrow_block(pa, table, names, b: Builder, first_line: int, n_lines: int | No
     step = table.column(b.step_key)
     if step.null_count or not _is_number(pa, step.type):
         return None
-    steps = step.to_numpy().astype(np.float64, copy=False)
+    steps = _numpy(step).astype(np.float64, copy=False)
     if not np.isfinite(steps).all():
         return None
     cols = {}
@@ -99,7 +99,7 @@ def arrow_block(pa, table, names, b: Builder, first_line: int, n_lines: int | No
         if kind == "text":
             if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
                 return None
-            values = np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
+            values = np.asarray(col.to_pylist(), dtype=object)
             rows = np.flatnonzero([not blank(v) for v in values])
             if len(rows):
                 cols[name] = (rows, values[rows])
@@ -107,16 +107,47 @@ def arrow_block(pa, table, names, b: Builder, first_line: int, n_lines: int | No
         if not _is_number(pa, t):
             return None
         if col.null_count == 0:
-            rows, values = None, col.to_numpy().astype(np.float64, copy=False)
+            rows, values = None, _numpy(col).astype(np.float64, copy=False)
         else:
-            rows = np.flatnonzero(np.asarray(col.is_valid()))
-            values = col.drop_null().to_numpy().astype(np.float64, copy=False)
+            rows = np.flatnonzero(_numpy(col.is_valid()))
+            values = _numpy(col.drop_null()).astype(np.float64, copy=False)
         if reject_inf and np.isinf(values).any():
             return None  # 1e400 or a 400-digit integer: the slow path tells them apart
         cols[name] = (rows, values)
     lines = (np.arange(first_line, first_line + len(steps))
              if n_lines == len(steps) else None)  # no blank lines: row k is line first+k
     return Block(steps, cols, first_line, lines)
+
+
+# pyarrow type name -> numpy dtype of its values buffer (fixed width, little-endian as numpy's)
+_DTYPES = {"double": np.float64, "float": np.float32, "halffloat": np.float16,
+           "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8,
+           "uint64": np.uint64, "uint32": np.uint32, "uint16": np.uint16, "uint8": np.uint8}
+
+
+def _numpy(col) -> np.ndarray:
+    """A numeric or boolean pyarrow (chunked) array WITHOUT nulls as numpy, read from its
+    buffers (zero copy for one chunk, read-only like pyarrow's own zero-copy ``to_numpy``).
+
+    pyarrow's ``to_numpy`` / ``__array__`` import pandas whenever it is installed: 0.2 s and
+    40 MB of every ``invariants scan`` process (measured: 10^5 JSONL records 0.19 s -> 0.37 s,
+    peak memory 58 -> 101 MB over baseline), for nothing the reader uses."""
+    parts = []
+    for c in getattr(col, "chunks", [col]):
+        n, off, name = len(c), c.offset, str(c.type)
+        if name == "bool":          # bit-packed, least significant bit first
+            bits = np.unpackbits(np.frombuffer(c.buffers()[1], np.uint8), bitorder="little") \
+                if n else np.zeros(0, np.uint8)
+            parts.append(bits[off:off + n].astype(bool))
+        elif name in _DTYPES:
+            dt = np.dtype(_DTYPES[name])
+            parts.append(np.frombuffer(c.buffers()[1], dt, count=n, offset=off * dt.itemsize)
+                         if n else np.zeros(0, dt))
+        else:                       # pragma: no cover - a type the readers never produce
+            parts.append(c.to_numpy(zero_copy_only=False))
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def _is_number(pa, t) -> bool:
