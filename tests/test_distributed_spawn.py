@@ -263,3 +263,40 @@ def test_bad_input_is_rejected_before_any_process_starts(call, message):
     with pytest.raises(InvalidArgumentError, match=message):
         call()
     _no_leftover_children()
+
+
+class _ExitsBetweenChecks:
+    """A rank whose process exits (code 1) between ``_watch``'s pump loop and its failure
+    check: ``ended`` is False at its first read and True from then on."""
+
+    def __init__(self, rank: int, exits: bool):
+        self.reads, self.exits = 0, exits
+        self.ended_at = self.failed_at = None
+        self.report = type("Report", (), {"rank": rank})()
+        self.process = type("Process", (), {"exitcode": None})()
+
+    def pump(self, now):
+        return False
+
+    def waitables(self):
+        return []
+
+    @property
+    def ended(self):
+        self.reads += 1
+        if self.exits and self.reads >= 2:
+            self.process.exitcode = 1
+        return self.process.exitcode is not None
+
+
+def test_a_rank_that_exits_mid_pass_is_judged_on_the_next_pass_not_a_type_error(monkeypatch):
+    """Seen once in the idle series: a rank exited between the pump loop and the failure
+    check, counted as failed without an ``ended_at``, and the watcher died with
+    ``TypeError: float - NoneType`` instead of reporting the group. Deterministic here."""
+    from invariants.distributed import spawn
+    monkeypatch.setattr(spawn, "FAILURE_GRACE_S", 0.05)
+    gone_mid_pass, alive = _ExitsBetweenChecks(0, exits=True), _ExitsBetweenChecks(1, exits=False)
+    outcome, why = spawn._watch([gone_mid_pass, alive], 2, timeout=None, hang_after=60.0)
+    assert outcome == "failed", (outcome, why)
+    assert why.startswith("rank 0 failed and this rank had not ended"), why
+    assert gone_mid_pass.ended_at is not None

@@ -224,9 +224,13 @@ def _watch(ranks: list[_Rank], world_size: int, timeout: float | None,
                 note_progress(now)
             if r.ended and r.ended_at is None:
                 r.ended_at = now
-        if all(r.ended for r in ranks):
+        # judge this pass's snapshot (ended_at), never ``r.ended`` again: a rank can exit
+        # between the loop above and here, and would count as ended without an ended_at
+        # (seen once in 20-odd idle suite runs: TypeError instead of the group's report)
+        if all(r.ended_at is not None for r in ranks):
             return "done", ""
-        failed = sorted((r for r in ranks if r.ended and r.process.exitcode != 0),
+        failed = sorted((r for r in ranks
+                         if r.ended_at is not None and r.process.exitcode != 0),
                         key=_failure_time)
         if failed and now - failed[0].ended_at > FAILURE_GRACE_S:
             return "failed", (f"rank {failed[0].report.rank} failed and this rank had not ended "
