@@ -226,7 +226,7 @@ def _watch(ranks: list[_Rank], world_size: int, timeout: float | None,
                 r.ended_at = now
         # judge this pass's snapshot (ended_at), never ``r.ended`` again: a rank can exit
         # between the loop above and here, and would count as ended without an ended_at
-        # (seen once in 20-odd idle suite runs: TypeError instead of the group's report)
+        # (seen once in the reliability series: a TypeError instead of the group's report)
         if all(r.ended_at is not None for r in ranks):
             return "done", ""
         failed = sorted((r for r in ranks
