@@ -200,6 +200,16 @@ def _jsonl_cases():
     }
 
 
+def _assert_same_columns(fast, slow):
+    """Every column of the native read equals the json module's, value for value."""
+    for m in slow.columns:
+        for a, b in zip(fast.columns[m], slow.columns[m]):
+            if a.dtype == object:
+                assert list(a) == list(b), m
+            else:
+                np.testing.assert_array_equal(a, b, err_msg=m)
+
+
 @pytest.mark.parametrize("case", list(_jsonl_cases()))
 @pytest.mark.parametrize("block", [64, 1 << 20], ids=["tiny-blocks", "one-block"])
 def test_fast_path_equals_slow_path(case, block, tmp_path, monkeypatch):
@@ -215,12 +225,7 @@ def test_fast_path_equals_slow_path(case, block, tmp_path, monkeypatch):
     monkeypatch.setattr(jsonl_reader, "_arrow", lambda: None)
     slow = read_log(path)
     assert fast.records == slow.records and sorted(fast.columns) == sorted(slow.columns)
-    for m in slow.columns:
-        for a, b in zip(fast.columns[m], slow.columns[m]):
-            if a.dtype == object:
-                assert list(a) == list(b), m
-            else:
-                np.testing.assert_array_equal(a, b, err_msg=m)
+    _assert_same_columns(fast, slow)
 
 
 @pytest.mark.parametrize("block", [48, 1 << 20], ids=["tiny-blocks", "one-block"])
@@ -293,12 +298,7 @@ def test_native_reader_reads_multi_chunk_columns_with_gaps_like_the_slow_path(tm
     monkeypatch.setattr(jsonl_reader, "_arrow", lambda: None)
     slow = read_log(path)
     assert fast.records == slow.records == 60_000 and sorted(fast.columns) == sorted(slow.columns)
-    for m in slow.columns:
-        for a, b in zip(fast.columns[m], slow.columns[m]):
-            if a.dtype == object:
-                assert list(a) == list(b), m
-            else:
-                np.testing.assert_array_equal(a, b, err_msg=m)
+    _assert_same_columns(fast, slow)
 
 
 _NO_PANDAS = r"""
