@@ -20,6 +20,7 @@ TEXT_METRICS = ("sample",)
 CANONICAL_METRICS = NUMERIC_METRICS + TEXT_METRICS
 SEVERITIES = ("warning", "critical")
 SMOOTHED_LOSS = "loss~smoothed"  # internal: the smoothed training loss other detectors read
+LOSS_COUNT = "loss~count"  # internal: finite training-loss points so far (streaming driver)
 
 # signature name -> default severity (a level ladder lists several)
 SIGNATURES: dict[str, tuple[str, ...]] = {
@@ -60,12 +61,20 @@ class SignatureConfig:
     # NaN batches per epoch: healthy 0-10, > 50 abort (seed 000 §4)
     nan_batches_warn: float = 10.0
     nan_batches_critical: float = 50.0
-    # loss spike, OLMo 2 §3.2: x - rolling mean >= k sigma over the previous `spike_window` points
-    spike_k: float = 7.0
-    spike_window: int = 1000
-    spike_min_periods: int = 20  # ours: fewer points give no usable sigma; the ratio rule covers them
-    spike_sigma_floor: float = 1e-3  # ours: sigma >= 0.1% of |mean| (a flat series has sigma ~ 0)
-    # loss jump (ratio rule for short logs): x > r * previous value (SPEC; r is ours)
+    # statistics need points: no critical verdict from a statistical rule before
+    # `warmup_points` points of the metric (a warning before; non-finite values excepted)
+    warmup_points: int = 20
+    # the level every loss rule reads: lower median of the last `level_window` points; one
+    # heavy-tailed batch cannot move it, a sustained rise moves it after 5 points (ours)
+    level_window: int = 9
+    # loss spike: x > level + k x max(recent spread, floor x |level|), spread = max of the
+    # previous `spike_window` points - level; judged from point `spike_min_periods` on
+    # (OLMo 2's k-sigma rule, with the spread the series has shown in place of sigma)
+    spike_k: float = 3.0
+    spike_window: int = 100
+    spike_min_periods: int = 20
+    spike_sigma_floor: float = 0.1  # a spike is at least 10 x k % (30 %) above the level
+    # loss jump (short-log rule, points before spike_min_periods): x > r x level (SPEC)
     jump_ratio: float = 2.0
     # grad-norm spike, ZClip: EMA z-score, alpha 0.97, z > 2.5, 25 warm-up steps
     zclip_z: float = 2.5
@@ -76,17 +85,32 @@ class SignatureConfig:
     # more than noise_k x the series' relative point noise: a lagging EMA on a trend, or one
     # noisy batch, is not a spike (docs/signatures.md, golden runs)
     zclip_local_points: int = 5
-    # divergence: one-sided CUSUM of the relative excess of the smoothed loss over its best
-    divergence_drift: float = 0.1  # k: half of a 20% rise (SPEC: "drift ~ half the expected change")
-    divergence_h: float = 0.25     # decision interval (ours, see docs)
-    smooth_window: int = 50        # smoothing over the last 50 points once there are 50 (ours)
+    # divergence: one-sided CUSUM of the level's excess over its best in noise units (the
+    # spread of a median of level_window points), drift k and decision interval h, while
+    # the level is also more than `divergence_drift` (relative) above its best
+    divergence_k: float = 3.0
+    divergence_h: float = 5.0
+    divergence_drift: float = 0.1
+    # ... a warning when first flagged, critical once flagged for `divergence_persist`
+    # consecutive points (a rise that came back sooner stays a warning)
+    divergence_persist: int = 20
+    smooth_window: int = 50        # noise estimates over the last 50 changes; accuracy smoothing
     # plateau: no improvement > min_delta within `patience` checks.  Seed 002 stops after
     # (3, 0.01); that flags every healthy curve whose improvement slows below 0.01 per 3
-    # checks, so the signature uses SageMaker's train patience 5 and Lightning's min_delta 0.
-    plateau_patience: int = 5
+    # checks; Lightning's min_delta 0 and a patience chosen on the detection corpus's tuning
+    # half: 5 (SageMaker's) warned on 2/33 healthy runs there, 9-12 on 1/33 with recall
+    # unchanged (1.0); 10, the middle of that range (docs/signatures.md)
+    plateau_patience: int = 10
     plateau_min_delta: float = 0.0
-    # overfit gap (val - train)/train > 0.1 (SageMaker Overfit); train = smoothed loss
+    # ... while the smoothed train loss fell > 10% since the val best (ours: seed 002's
+    # "val stuck while train improves"; at convergence both are flat). 0: the plain rule
+    plateau_train_gain: float = 0.1
+    # overfit gap (val - train)/train > 0.1 (SageMaker Overfit); train = smoothed loss; judged on
+    # comparable points only (not the first val point; >= overfit_min_train train points) and
+    # while val rises >= overfit_rise above its earlier best (a growing gap; 0: plain rule)
     overfit_ratio: float = 0.1
+    overfit_rise: float = 0.2
+    overfit_min_train: int = 2
     # LoRA norm ladder (seed 000: warn 1.0 / critical 1.5 / kill 2.0)
     lora_norm_warn: float = 1.0
     lora_norm_critical: float = 1.5
@@ -130,13 +154,16 @@ class SignatureConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise InvalidArgumentError(f"{f.name}={v!r}: must be a finite number")
             if f.name in ("spike_window", "spike_min_periods", "zclip_warmup", "smooth_window",
+                          "warmup_points", "level_window", "overfit_min_train",
+                          "divergence_persist",
                           "noise_min_pairs", "zclip_local_points",
                           "plateau_patience", "mode_collapse_min_units", "repetition_run",
                           "seq_rep_n"):
                 require(isinstance(v, int) and v >= 1, f.name, v, "must be an integer >= 1")
             elif f.name in ("zclip_alpha",):
                 require(0.0 < v < 1.0, f.name, v, "must lie in (0, 1)")
-            elif f.name in ("plateau_min_delta", "divergence_drift"):
+            elif f.name in ("plateau_min_delta", "divergence_drift", "overfit_rise",
+                            "plateau_train_gain"):
                 require(v >= 0.0, f.name, v, "must be >= 0")
             elif f.name in ("bg_low", "bg_high", "accuracy_drop", "encoder_share_low",
                             "encoder_share_high", "mode_collapse_distinct", "seq_rep_max"):

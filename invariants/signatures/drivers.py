@@ -5,8 +5,10 @@ it) and ``VectorisedScanner`` / ``scan_series`` / ``scan_records`` (whole series
 ``invariants scan`` uses them).  Both give the same findings on the same data.
 
 A finding is reported once per (signature, metric, severity), at the first step
-it was detectable.  Non-finite observations are reported by ``non_finite`` and
-skipped by every other detector.
+it was detectable.  When it later recovers, the streaming driver replaces it in
+``findings`` by the same finding with ``recovered_step`` set (``update`` does not
+return it again): at the end both drivers hold the same findings.  Non-finite
+observations are reported by ``non_finite`` and skipped by every other detector.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ import numpy as np
 
 from invariants._errors import InvalidArgumentError
 from invariants._validate import require
-from invariants.signatures.config import (CANONICAL_METRICS, SMOOTHED_LOSS, TEXT_METRICS,
-                                          SignatureConfig)
+from invariants.signatures.config import (CANONICAL_METRICS, LOSS_COUNT, SMOOTHED_LOSS,
+                                          TEXT_METRICS, SignatureConfig)
 from invariants.signatures.detectors.accuracy import AccuracyDrop
 from invariants.signatures.detectors.background import BackgroundCollapse
 from invariants.signatures.detectors.base import (Detector, _Context, _smoothed, _SmoothState,
@@ -156,6 +158,7 @@ class StreamingScanner:
                 last[name] = x
                 if name == "loss":
                     last[SMOOTHED_LOSS] = self._loss_smoother.push(x)
+                    last[LOSS_COUNT] = last.get(LOSS_COUNT, 0) + 1
                 vals.append((name, x))
             else:
                 if name not in self._states:
@@ -188,6 +191,11 @@ class StreamingScanner:
                 self._seen.add(key)
                 self.findings.append(f)
                 out.append(f)
+            elif f.recovered_step is not None:  # a reported finding has recovered: update it
+                for j, g in enumerate(self.findings):
+                    if (g.signature, g.metric, g.severity) == key and g.recovered_step is None \
+                            and g.step == f.step:
+                        self.findings[j] = f
         return out
 
 

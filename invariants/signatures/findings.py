@@ -16,7 +16,10 @@ class Finding:
 
     ``value`` is what was observed (in the metric's units, or the statistic the
     message names), ``threshold`` the bound it crossed (``None`` where there is
-    no numeric bound, e.g. a NaN).
+    no numeric bound, e.g. a NaN).  ``started_step`` is where the anomaly began (the
+    first point of a sustained rise, the spike itself), ``recovered_step`` the first later
+    point back within bounds (``None``: not recovered, or not applicable); the JSON form
+    carries them only when set.
     """
 
     signature: str
@@ -26,12 +29,19 @@ class Finding:
     value: float | None
     threshold: float | None
     message: str
+    started_step: int | float | None = None
+    recovered_step: int | float | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The DESIGN.md finding object; non-finite numbers become "nan"/"inf"/"-inf"."""
-        return {"signature": self.signature, "metric": self.metric, "severity": self.severity,
-                "step": self.step, "value": _json_number(self.value),
-                "threshold": _json_number(self.threshold), "message": self.message}
+        d = {"signature": self.signature, "metric": self.metric, "severity": self.severity,
+             "step": self.step, "value": _json_number(self.value),
+             "threshold": _json_number(self.threshold), "message": self.message}
+        if self.started_step is not None:
+            d["started_step"] = self.started_step
+        if self.recovered_step is not None:
+            d["recovered_step"] = self.recovered_step
+        return d
 
     def sort_key(self) -> tuple:
         return (self.step, -_SEVERITY_RANK[self.severity], self.signature, self.metric)

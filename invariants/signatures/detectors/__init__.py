@@ -15,7 +15,8 @@ after its detector:
   feeds records to these states; ``CollapseGuard`` wraps it.
 
 Running sums are numpy's sequential ``cumsum`` in one form and ``+=`` in the
-other, running extrema are ``minimum.accumulate`` / ``min``, and the two EMA
+other, running extrema are ``minimum.accumulate`` / ``min``, rolling medians and maxima
+are exact selections (min/max networks / ``sorted``), and the two EMA
 recursions of ZClip are ``itertools.accumulate`` over the same Python
 expression, so both drivers give bit-identical findings (tests/test_signatures*.py
 checks this with Hypothesis).
@@ -24,8 +25,9 @@ checks this with Hypothesis).
   ``_Context``) and the shared numerics (smoothing, noise, regime segments),
   each vectorised helper beside its streaming twin.
 - ``threshold``: level rules (``Threshold`` ladders) and ``NonFinite``.
-- ``loss``: ``LossSpike`` (OLMo 2), ``LossJump`` (ratio), ``Divergence`` (CUSUM).
-- ``grad_norm``: ``GradNormSpike`` (ZClip z-score with a local-noise test).
+- ``loss``: ``LossSpike`` (spread rule), ``LossJump`` (ratio, short logs), ``Divergence``
+  (CUSUM of the level in noise units; warning, then critical once it held).
+- ``grad_norm``: ``GradNormSpike`` (ZClip z-score with a local-noise test and the spread rule).
 - ``accuracy``: ``AccuracyDrop``.  ``plateau``: ``Plateau``.  ``overfit``: ``OverfitGap``.
 - ``background``: ``BackgroundCollapse``.  ``encoder``: ``EncoderShare``.
 - ``samples``: LM-sample statistics and ``SampleDetector``.

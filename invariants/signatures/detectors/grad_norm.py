@@ -1,5 +1,5 @@
-"""Owns ``GradNormSpike`` (ZClip z-score plus a local-noise test) and its streaming
-state, with the blocked EMA (``_linear_recurrence``) its fast screen uses.
+"""Owns ``GradNormSpike`` (ZClip z-score plus a local-noise test and the spread rule) and
+its streaming state, with the blocked EMA (``_linear_recurrence``) its fast screen uses.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from invariants.signatures.detectors.base import Detector, _first, _noise, _NoiseState, _State
+from invariants.signatures.detectors.loss import _back
 from invariants.signatures.findings import _g
 
 
@@ -56,27 +57,46 @@ class GradNormSpike(Detector):
     ZClip's rule is a clipping rule: the EMA lags a trend (every point of a rising
     grad norm is "above the mean") and on a noisy series one batch in a few hundred is
     beyond 2.5 sigma.  The second condition asks for a jump well beyond the series' own
-    point-to-point noise, measured from where the series is now.
+    point-to-point noise, measured from where the series is now.  A third condition, the
+    loss spike's spread rule (``g > level + spike_k * (max of the previous spike_window
+    points - level)``, judged from point ``spike_min_periods`` on), keeps heavy-tailed
+    batch-size-1 grad norms (single batches 10x their median) from counting as spikes.
+    ``recovered_step``: the first later point back where the series was before (``_back``).
     """
 
     signature = "grad_norm_spike"
 
-    def _f(self, step, g, thr, mu, sd, med, nu):
+    def _f(self, step, g, thr, mu, sd, med, nu, top, rec):
         c = self.cfg
         local = med + c.noise_k * nu * abs(med)
         return self.finding("warning", step, g, max(thr, local),
-                            f"{self.metric}={_g(g)} > EMA mean {_g(mu)} + {_g(c.zclip_z)} "
-                            f"sigma ({_g(sd)}) = {_g(thr)} (ZClip z-score, "
-                            f"alpha={_g(c.zclip_alpha)}) and > {_g(local)}, the median "
-                            f"{_g(med)} of the previous {c.zclip_local_points} points plus "
-                            f"{_g(c.noise_k)} x their relative noise {_g(nu)}")
+                            f"{self.metric}={_g(g)} > {_g(thr)}: beyond the ZClip z-score "
+                            f"(EMA mean {_g(mu)} + {_g(c.zclip_z)} sigma {_g(sd)}, "
+                            f"alpha={_g(c.zclip_alpha)}), the recent spread (level + "
+                            f"{_g(c.spike_k)} x (max of the previous {c.spike_window} points "
+                            f"{_g(top)} - level)) and {_g(local)}, the median {_g(med)} of the "
+                            f"previous {c.zclip_local_points} points plus {_g(c.noise_k)} x "
+                            f"their relative noise {_g(nu)}; "
+                            + (f"recovered at step {_g(rec)}" if rec is not None
+                               else "not recovered"), started=step, recovered=rec)
 
     def _local(self, x: np.ndarray, nu: np.ndarray, p: np.ndarray) -> np.ndarray:
-        """For candidate indices ``p`` (increasing): (p, medians) where the local rule holds."""
-        L = self.cfg.zclip_local_points
-        med = np.array([_local_median(x[max(q - L, 0):q].tolist()) for q in p.tolist()]) \
+        """For candidate indices ``p`` (increasing): (medians, tops, spread thresholds, levels,
+        mask) where the local rule and the spread rule hold."""
+        c = self.cfg
+        L, r, w = c.zclip_local_points, c.level_window, c.spike_window
+        ql = p.tolist()
+        med = np.array([_local_median(x[max(q - L, 0):q].tolist()) for q in ql]) \
             if len(p) else np.zeros(0)
-        return med, (x[p] - med) > self.cfg.noise_k * nu[p] * np.abs(med)
+        lvl = np.array([_local_median(x[max(q - r, 0):q].tolist()) for q in ql]) \
+            if len(p) else np.zeros(0)
+        top = np.array([max(x[max(q - w, 0):q].tolist()) for q in ql]) if len(p) else np.zeros(0)
+        d = top - lvl
+        fl = c.spike_sigma_floor * np.abs(lvl)
+        sthr = lvl + c.spike_k * np.where(d >= fl, d, fl)
+        ok = ((x[p] - med) > c.noise_k * nu[p] * np.abs(med)) & (p >= c.spike_min_periods) & \
+            (x[p] > sthr)
+        return med, top, sthr, lvl, ok
 
     def scan(self, view, ctx):
         cfg = self.cfg
@@ -103,12 +123,14 @@ class GradNormSpike(Detector):
         nu = _noise(x, cfg.smooth_window)
         for lo in range(0, len(cand), 256):  # the first candidate usually decides
             c = cand[lo:lo + 256]
-            med, ok = self._local(x, nu, c + 1)
+            med, top, sthr, lvl_, ok = self._local(x, nu, c + 1)
             jj = _first(ok)
             if jj >= 0:
                 j = int(c[jj])
-                return [self._f(view.step[j + 1], x[j + 1], thr[j], mp[j], sd_eff[j], med[jj],
-                                nu[j + 1])]
+                back = np.flatnonzero(x[j + 2:] <= _back(lvl_[jj], x[j], cfg))
+                rec = view.step[j + 2 + int(back[0])] if len(back) else None
+                return [self._f(view.step[j + 1], x[j + 1], max(thr[j], sthr[jj]), mp[j],
+                                sd_eff[j], med[jj], nu[j + 1], top[jj], rec)]
         return []
 
     def _may_fire(self, x: np.ndarray, a: float, b: float) -> bool:
@@ -152,7 +174,7 @@ class GradNormSpike(Detector):
 
 class _GradNormSpikeState(_State):
     __slots__ = ("det", "i", "mu", "var", "a", "b", "z", "floor", "warm", "nz", "prev", "L",
-                 "nk")
+                 "nk", "hist", "r", "w", "k", "sfloor", "minp", "fired")
 
     def __init__(self, det):
         cfg = det.cfg
@@ -169,9 +191,25 @@ class _GradNormSpikeState(_State):
         self.z = cfg.zclip_z
         self.floor = cfg.zclip_sigma_floor
         self.warm = cfg.zclip_warmup
+        self.hist: list[float] = []  # at most max(spike_window, level_window) + 1 points
+        self.r = cfg.level_window
+        self.w = cfg.spike_window
+        self.k = cfg.spike_k
+        self.sfloor = cfg.spike_sigma_floor
+        self.minp = cfg.spike_min_periods
+        self.fired = None  # finding args while waiting for the recovery
         self.done = False
 
     def push(self, step, g, last):
+        if self.fired is not None:
+            if g <= self.fired[8]:
+                self.done = True
+                return [self.det._f(*self.fired[:8], step)]
+            return None
+        hist = self.hist
+        if len(hist) > (self.w if self.w > self.r else self.r):
+            del hist[0]
+        hist.append(g)  # the previous max(spike_window, level_window) points, then this one
         i = self.i
         self.i = i + 1
         a, b = self.a, self.b
@@ -188,11 +226,19 @@ class _GradNormSpikeState(_State):
             fl = self.floor * abs(mu)
             sd_eff = sd if sd >= fl else fl
             thr = mu + self.z * sd_eff
-            if g > thr:
+            if g > thr and i >= self.minp:
                 med = _local_median(prev)
                 if g - med > self.nk * nu * abs(med):
-                    out = [self.det._f(step, g, thr, mu, sd_eff, med, nu)]
-                    self.done = True
+                    h = hist[:-1]
+                    lvl = _local_median(h[-self.r:])
+                    top = max(h[-self.w:])
+                    d = top - lvl
+                    fl = self.sfloor * abs(lvl)
+                    sthr = lvl + self.k * (d if d >= fl else fl)
+                    if g > sthr:
+                        self.fired = (step, g, thr if thr > sthr else sthr, mu, sd_eff, med, nu,
+                                      top, _back(lvl, h[-1], self.det.cfg))
+                        out = [self.det._f(*self.fired[:8], None)]
         if len(prev) == self.L:
             prev.pop(0)
         prev.append(g)

@@ -1,6 +1,17 @@
-"""Owns the loss-curve rules, each beside its streaming state: ``LossSpike`` (OLMo 2
-k-sigma rule), ``LossJump`` (ratio rule for short logs) and ``Divergence``
-(one-sided CUSUM of the smoothed loss over its best).
+"""Owns the loss-curve rules, each beside its streaming state: ``LossSpike`` (a point far
+outside the series' recent range: a warning, with the step it recovered), ``LossJump``
+(the ratio rule for the first points of a log, before the spike rule has its warm-up)
+and ``Divergence`` (one-sided CUSUM of the rolling-median level over its best: warning
+before the warm-up, critical after it).
+
+All three read the *level* ``m_i``, the lower median of the last ``level_window`` points
+(``_median_low``): one heavy-tailed batch (batch size 1: a loss ten times its
+neighbours is ordinary) cannot move it, a sustained rise moves it after
+``(level_window + 1) / 2`` points.  The severity ladder (docs/signatures.md): a spike
+that comes back is a warning (``recovered_step`` says when); a rise the level carries is
+a ``divergence`` warning at once, and critical once it has held for
+``divergence_persist`` points at or after point ``warmup_points`` (statistics of fewer
+points decide nothing critical).
 """
 from __future__ import annotations
 
@@ -8,253 +19,352 @@ import math
 
 import numpy as np
 
-from invariants.signatures.detectors.base import (Detector, _first, _noise, _NoiseState,
-                                                  _segments, _smoothed, _SmoothState, _State)
-from invariants.signatures.findings import _g
+from invariants.signatures.detectors.base import (Detector, _first, _median_low, _MedianState,
+                                                  _noise, _NoiseState, _prev_max, _SlidingMax,
+                                                  _State)
+from invariants.signatures.findings import Finding, _g
+
+
+_2LN2 = 2.0 * 0.6931471805599453
+
+
+def _min_bias(idx: np.ndarray, r: int) -> np.ndarray:
+    """How far (in sd) the running minimum of ~``(i + 1) / r`` independent levels lies below
+    their mean: ``sqrt(2 ln q)`` (extreme-value theory), with ``ln q`` taken as
+    ``ln 2 * floor(log2 q)``: exact integer steps (``frexp``; ``bit_length`` in the
+    streaming twin), so both drivers subtract the same float."""
+    q = (idx + 1) // r
+    L = np.where(q > 0, np.frexp(np.maximum(q, 1).astype(np.float64))[1] - 1, 0)
+    return np.sqrt(_2LN2 * L.astype(np.float64))
+
+
+def _level(metric: str, x: np.ndarray, cfg, ctx) -> np.ndarray:
+    """The metric's level (``_median_low``), computed once per scan for all its detectors."""
+    return ctx.cached(("level", metric), lambda: _median_low(x, cfg.level_window))
+
+
+def _back(level: float, prev: float, cfg) -> float:
+    """Where a spike has recovered: back within ``spike_sigma_floor`` of where the series was
+    just before it (the larger of its level and its previous point)."""
+    return (1.0 + cfg.spike_sigma_floor) * (level if level > prev else prev)
+
+
+def _after(mask: np.ndarray, i: int) -> int:
+    """First index j > i with mask[j], or -1."""
+    j = _first(mask[i + 1:])
+    return i + 1 + j if j >= 0 else -1
 
 
 class LossSpike(Detector):
-    """OLMo 2 rule: ``x_i - mean >= k * sigma`` of the previous ``w`` finite points.
+    """``x_i > thr_i = m_{i-1} + spike_k * max(M_i - m_{i-1}, spike_sigma_floor * |m_{i-1}|)``.
 
-    Needs ``spike_min_periods`` previous points; sigma is floored at
-    ``spike_sigma_floor * |mean|``.  Sums run over ``x - x_0`` (cumulative sums,
-    differences of two of them give a window's sums).
+    ``m_{i-1}`` is the level before the point, ``M_i`` the largest of the previous
+    ``spike_window`` points: the spread is what the series itself has shown lately, so a
+    batch-size-1 log (single batches 10x the median) needs a far larger spike than a
+    smooth large-batch log.  Judged from point ``spike_min_periods`` on.  Reported once,
+    with ``recovered_step``: the first later point back where the series was just before
+    the spike, ``x <= (1 + spike_sigma_floor) * max(m_{i-1}, x_{i-1})`` (``_back``).
     """
 
     signature = "loss_spike"
 
-    def _f(self, step, x, thr, mu, sd):
-        k = self.cfg.spike_k
+    def _f(self, step, x, thr, level, top, rec):
         return self.finding("warning", step, x, thr,
-                            f"{self.metric}={_g(x)} >= mean {_g(mu)} + {_g(k)} sigma "
-                            f"({_g(sd)}) = {_g(thr)} of the previous "
-                            f"{self.cfg.spike_window} points (OLMo 2 spike rule)")
+                            f"{self.metric}={_g(x)} > {_g(thr)}: level (median of the last "
+                            f"{self.cfg.level_window}) {_g(level)} + {_g(self.cfg.spike_k)} x "
+                            f"the recent spread (max of the previous {self.cfg.spike_window} "
+                            f"points {_g(top)}); "
+                            + (f"recovered at step {_g(rec)}" if rec is not None
+                               else "not recovered"), started=step, recovered=rec)
 
     def scan(self, view, ctx):
+        c = self.cfg
         x = view.x
         n = len(x)
-        cfg = self.cfg
-        if n <= cfg.spike_min_periods:
+        p = c.spike_min_periods
+        if n <= p:
             return []
-        p, w = cfg.spike_min_periods, cfg.spike_window
-        v = x - x[0]
-        Q = np.cumsum(np.multiply(v, v), out=np.empty(n))
-        C = np.cumsum(v, out=v)   # C[i - 1] = sum of v[0 .. i-1]
-        # window of point i (i >= p): points lo .. i-1 with lo = max(i - w, 0); the sums are
-        # C[i-1] - C[lo-1] (C[-1] = 0), slices rather than gathers, in place (every array
-        # here is the series' size: a temporary costs as much as the arithmetic)
-        k = n - p
-        s = min(max(w - p, 0), k)  # points with i < w: lo = 0, count i
-        mean, var = C[p - 1:n - 1].copy(), Q[p - 1:n - 1].copy()
-        if k > s:                  # points with i >= w: lo = i - w, count w
-            a = p + s - w - 1      # -1 when the first of them has lo = 0
-            mean[s + (a < 0):] -= C[max(a, 0):n - w - 1]
-            var[s + (a < 0):] -= Q[max(a, 0):n - w - 1]
-        count = np.arange(p, p + s, dtype=np.float64)
-        mean[:s] /= count
-        var[:s] /= count
-        mean[s:] /= float(w)
-        var[s:] /= float(w)
-        var -= np.multiply(mean, mean, out=Q[:k])
-        sd = np.sqrt(np.maximum(var, 0.0, out=var), out=var)
-        mu = np.add(mean, x[0], out=mean)
-        sd_eff = np.maximum(sd, np.multiply(np.abs(mu, out=Q[:k]), cfg.spike_sigma_floor,
-                                            out=Q[:k]), out=sd)
-        thr = np.add(mu, np.multiply(sd_eff, cfg.spike_k, out=C[:k]), out=C[:k])
-        j = _first(x[p:] >= thr)
-        return [self._f(view.step[p + j], x[p + j], thr[j], mu[j], sd_eff[j])] if j >= 0 else []
+        m = _level(self.metric, x, c, ctx)
+        M = _prev_max(x, c.spike_window)
+        lv = m[p - 1:n - 1]
+        top = M[p:]
+        spread = np.maximum(top - lv, c.spike_sigma_floor * np.abs(lv))
+        thr = lv + c.spike_k * spread
+        j = _first(x[p:] > thr)
+        if j < 0:
+            return []
+        i = p + j
+        r = _after(x <= _back(lv[j], x[i - 1], c), i)
+        return [self._f(view.step[i], x[i], thr[j], lv[j], top[j],
+                        view.step[r] if r >= 0 else None)]
 
     def stream(self):
         return _LossSpikeState(self)
 
 
 class _LossSpikeState(_State):
-    __slots__ = ("det", "i", "x0", "C", "Q", "hc", "hq", "w", "k", "floor", "minp")
+    __slots__ = ("det", "i", "med", "level", "prev", "last_x", "w", "k", "floor", "minp",
+                 "fired")
 
     def __init__(self, det: LossSpike):
         cfg = det.cfg
         self.det = det
         self.i = 0
-        self.x0 = 0.0
-        self.C = 0.0
-        self.Q = 0.0
+        self.med = _MedianState(cfg.level_window)
+        self.level = 0.0
+        self.prev = _SlidingMax(cfg.spike_window)  # max of the previous spike_window points
+        self.last_x = 0.0
         self.w = cfg.spike_window
-        self.hc = [0.0] * (self.w + 1)  # C at the last w+1 indices (ring buffer)
-        self.hq = [0.0] * (self.w + 1)
         self.k = cfg.spike_k
         self.floor = cfg.spike_sigma_floor
         self.minp = cfg.spike_min_periods
+        self.fired = None  # (finding args) while waiting for the recovery
         self.done = False
 
     def push(self, step, x, last):
-        i = self.i
-        if i == 0:
-            self.x0 = x
         out = None
-        if i >= self.minp:
-            lo = i - self.w if i > self.w else 0
-            r = lo % (self.w + 1)
-            mean = (self.C - self.hc[r]) / float(i - lo)
-            var = (self.Q - self.hq[r]) / float(i - lo) - mean * mean
-            sd = math.sqrt(var if var > 0.0 else 0.0)
-            mu = mean + self.x0
-            fl = self.floor * abs(mu)
-            sd_eff = sd if sd >= fl else fl
-            thr = mu + self.k * sd_eff
-            if x >= thr:
-                out = [self.det._f(step, x, thr, mu, sd_eff)]
+        if self.fired is not None:  # watching for the recovery only
+            if x <= self.fired[5]:
                 self.done = True
-        v = x - self.x0
-        self.C = self.C + v
-        self.Q = self.Q + v * v
-        self.i = i = i + 1
-        r = i % (self.w + 1)
-        self.hc[r] = self.C
-        self.hq[r] = self.Q
+                return [self.det._f(*self.fired[:5], step)]
+            return None
+        if self.i >= self.minp:
+            lv = self.level
+            top = self.prev.max()
+            fl = self.floor * abs(lv)
+            d = top - lv
+            thr = lv + self.k * (d if d >= fl else fl)
+            if x > thr:
+                self.fired = (step, x, thr, lv, top,
+                              _back(lv, self.last_x, self.det.cfg))
+                out = [self.det._f(step, x, thr, lv, top, None)]
+        self.level = self.med.push(x)
+        self.prev.push(x)
+        self.last_x = x
+        self.i += 1
         return out
 
 
 class LossJump(Detector):
-    """Ratio rule for short logs: ``x_i > r * x_{i-1}`` (previous finite point, > 0)."""
+    """Short-log ratio rule: ``x_i > jump_ratio * m_{i-1}`` (the level before it, > 0) at the
+    points before ``spike_min_periods``, where ``LossSpike`` has no spread to judge by yet.
+    ``recovered_step``: as ``LossSpike`` (back where the series was just before the jump).
+    """
 
     signature = "loss_jump"
 
-    def _f(self, step, x, prev):
+    def _f(self, step, x, level, rec):
         r = self.cfg.jump_ratio
-        return self.finding("warning", step, x, r * prev,
-                            f"{self.metric} jumped from {_g(prev)} to {_g(x)}, more than "
-                            f"{_g(r)}x the previous point")
+        return self.finding("warning", step, x, r * level,
+                            f"{self.metric} jumped to {_g(x)}, more than {_g(r)}x its level "
+                            f"{_g(level)} (median of the previous points); "
+                            + (f"recovered at step {_g(rec)}" if rec is not None
+                               else "not recovered"), started=step, recovered=rec)
 
     def scan(self, view, ctx):
+        c = self.cfg
         x = view.x
-        if len(x) < 2:
+        n = len(x)
+        if n < 2:
             return []
-        prev = x[:-1]
-        j = _first((prev > 0.0) & (x[1:] > self.cfg.jump_ratio * prev))
-        return [self._f(view.step[j + 1], x[j + 1], prev[j])] if j >= 0 else []
+        h = min(n, c.spike_min_periods)
+        m = _level(self.metric, x, c, ctx)[:h]
+        lv = m[:h - 1]
+        j = _first((lv > 0.0) & (x[1:h] > c.jump_ratio * lv))
+        if j < 0:
+            return []
+        i = j + 1
+        r = _after(x <= _back(lv[j], x[i - 1], c), i)
+        return [self._f(view.step[i], x[i], lv[j], view.step[r] if r >= 0 else None)]
 
     def stream(self):
         return _LossJumpState(self)
 
 
 class _LossJumpState(_State):
-    __slots__ = ("det", "prev", "r")
+    __slots__ = ("det", "i", "med", "level", "prev", "r", "h", "fired")
 
     def __init__(self, det):
         self.det = det
-        self.prev = None
+        self.i = 0
+        self.med = _MedianState(det.cfg.level_window)
+        self.level = 0.0
+        self.prev = 0.0
         self.r = det.cfg.jump_ratio
+        self.h = det.cfg.spike_min_periods
+        self.fired = None
         self.done = False
 
     def push(self, step, x, last):
-        prev = self.prev
-        self.prev = x
-        if prev is not None and prev > 0.0 and x > self.r * prev:
+        if self.fired is not None:
+            if x <= self.fired[3]:
+                self.done = True
+                return [self.det._f(*self.fired[:3], step)]
+            return None
+        out = None
+        if 1 <= self.i < self.h and self.level > 0.0 and x > self.r * self.level:
+            self.fired = (step, x, self.level, _back(self.level, self.prev, self.det.cfg))
+            out = [self.det._f(step, x, self.level, None)]
+        elif self.i >= self.h:
             self.done = True
-            return [self.det._f(step, x, prev)]
-        return None
+            return None
+        self.level = self.med.push(x)
+        self.prev = x
+        self.i += 1
+        return out
 
 
 class Divergence(Detector):
-    """Sustained rise (one-sided CUSUM, Lindley form).
+    """Sustained rise of the level over its best, in units of the series' own noise.
 
-    ``s_i`` = the point itself while fewer than ``smooth_window`` points, then the
-    mean of the last ``smooth_window`` (reference and sums restart there);
-    ``ref_i = min s``; ``e_i = (s_i - ref_i)/|ref_i|``;
-    ``S_i = max(0, S_{i-1} + e_i - k_i)`` computed as ``D_i - min(0, min D)`` with
-    ``D = cumsum(e - k)``; flag ``S_i > h``.  The drift ``k_i = max(divergence_drift,
-    noise_k * nu_i / sqrt(m_i) * min(c_i, noise_min_pairs) / noise_min_pairs)`` with
-    ``c_i = i - 1`` the point-to-point changes seen before point i (``nu`` as in
-    ``AccuracyDrop``): a noisy raw series has a running minimum that is an outlier.  The
-    noise term is phased in over the first ``noise_min_pairs`` changes (shrunk towards the
-    fixed drift while the noise estimate rests on few pairs), not switched on at 20.
+    ``m_i`` = the level (lower median of the last ``c_i = min(i + 1, level_window)``
+    points); ``ref_i = min m``; ``sd_i = a_i (1 + 1.5 / sqrt(p_i)) / sqrt(c_i)`` with
+    ``a_i`` the mean absolute point-to-point change over the previous (at most
+    ``smooth_window``) ``p_i`` pairs: the spread of a median of ``c_i`` points, raised to an
+    upper confidence bound while few pairs stand behind it.  ``z_i = (m_i - ref_i) / sd_i``;
+    one-sided CUSUM ``S_i = max(0, S_{i-1} + z_i - divergence_k)`` computed as
+    ``D_i - min(0, min D)`` with ``D = cumsum(z - k)``; flag ``S_i > divergence_h`` while the
+    level is also more than ``divergence_drift`` (relative) above its best.  Normalising
+    by the noise, not by the best, keeps a loss near zero (where the best of a noisy
+    median is a fraction of the typical level) from looking like a many-fold rise.
+
+    The severity ladder: the first flagged point is a ``warning``; the flag becomes
+    ``critical`` once it has held for ``divergence_persist`` consecutive points (the level
+    stayed above its best, a rise that did not come back) at a point at or after
+    ``warmup_points`` (statistics of fewer points decide nothing critical).
+    ``started_step`` is the first point of the CUSUM excursion (the level lags the raw
+    series by up to ``level_window // 2`` points), ``recovered_step`` the first
+    later point whose level is back within half of ``divergence_drift`` (relative) of the
+    best it was flagged against (a relative bound, since the noise of a broken regime is
+    larger; half, so that a level hovering at the flag's edge is not "recovered").
     """
 
     signature = "divergence"
 
-    def _f(self, step, s, ref, S, k, smoothed):
+    def _f(self, sev, step, s, ref, S, sd, start, rec):
         c = self.cfg
-        what = f"mean of the last {c.smooth_window} points" if smoothed else "value"
-        return self.finding("critical", step, s, ref * (1.0 + k),
-                            f"{self.metric} rose after improving: {what} {_g(s)} vs best "
-                            f"{_g(ref)}; CUSUM of the relative excess over drift "
-                            f"k={_g(k)} reached {_g(S)} > h={_g(c.divergence_h)}")
+        why = (f"; held for {c.divergence_persist} points" if sev == "critical" else
+               f"; critical if it holds for {c.divergence_persist} points (from point "
+               f"{c.warmup_points} on)")
+        return self.finding(sev, step, s, ref * (1.0 + c.divergence_drift),
+                            f"{self.metric} rose after improving: level (median of the last "
+                            f"{c.level_window}) {_g(s)} vs best {_g(ref)} since step "
+                            f"{_g(start)}, {_g((s - ref) / sd)} noise units (sd {_g(sd)}); CUSUM "
+                            f"over drift k={_g(c.divergence_k)} reached {_g(S)} > "
+                            f"h={_g(c.divergence_h)}{why}; "
+                            + (f"recovered at step {_g(rec)}" if rec is not None
+                               else "not recovered"), started=start, recovered=rec)
 
     def scan(self, view, ctx):
         c = self.cfg
         x = view.x
-        w = c.smooth_window
-        s = _smoothed(x, w)
-        nu = _noise(x, w)
-        P = c.noise_min_pairs
-        for a, b, smoothed in _segments(len(x), w):
-            seg = s[a:b]
-            k = np.multiply(nu[a:b], c.noise_k)
-            if smoothed:
-                k /= math.sqrt(w)
-            # noise term phased in over the first noise_min_pairs changes (weight m / 20;
-            # 1 from index P + 1 on)
-            ramp = k[:max(min(P + 1 - a, b - a), 0)]
-            ramp *= np.minimum(np.maximum(np.arange(a, a + len(ramp)) - 1, 0), P) / float(P)
-            np.maximum(k, c.divergence_drift, out=k)
-            ref = np.minimum.accumulate(seg)
-            den = np.maximum(np.abs(ref), 1e-12)
-            e = np.subtract(seg, ref)
-            e /= den
-            D = np.cumsum(np.subtract(e, k, out=e), out=e)
-            S = np.subtract(D, np.minimum(np.minimum.accumulate(D, out=den), 0.0, out=den),
-                            out=den)
-            j = _first(S > c.divergence_h)
-            if j >= 0:
-                return [self._f(view.step[a + j], seg[j], ref[j], S[j], k[j], smoothed)]
-        return []
+        n = len(x)
+        r = c.level_window
+        s = _level(self.metric, x, c, ctx)
+        a = _noise(x, c.smooth_window, relative=False)
+        idx = np.arange(n)
+        pairs = np.maximum(np.minimum(idx - 1, c.smooth_window), 1).astype(np.float64)
+        cm = np.sqrt(np.minimum(idx + 1, r).astype(np.float64))
+        sd = np.maximum(a * (1.0 + 1.5 / np.sqrt(pairs)) / cm, 1e-300)
+        ref = np.minimum.accumulate(s)
+        z = (s - ref) / sd - _min_bias(idx, r)
+        rel = (s - ref) / np.maximum(np.abs(ref), 1e-12)
+        D = np.cumsum(z - c.divergence_k)
+        S = D - np.minimum(np.minimum.accumulate(D), 0.0)
+        hit = (S > c.divergence_h) & (rel > c.divergence_drift)
+        run = idx - np.maximum.accumulate(np.where(hit, -1, idx))  # consecutive hits so far
+        out = []
+        zero = np.flatnonzero(S <= 0.0)
+        for sev, mask in (("warning", hit),
+                          ("critical", (run >= c.divergence_persist) & (idx >= c.warmup_points))):
+            i = _first(mask)
+            if i < 0:
+                continue
+            zi = np.searchsorted(zero, i) - 1  # last point with S <= 0 before i
+            st = int(zero[zi]) + 1 if zi >= 0 else 0
+            rr = _after(s <= (1.0 + 0.5 * c.divergence_drift) * ref[i], i)
+            out.append(self._f(sev, view.step[i], s[i], ref[i], S[i], sd[i], view.step[st],
+                               view.step[rr] if rr >= 0 else None))
+        return out
 
     def stream(self):
         return _DivergenceState(self)
 
 
 class _DivergenceState(_State):
-    __slots__ = ("det", "sm", "nz", "ref", "D", "Dmin", "k", "h", "nk", "sqw", "minp", "minpf")
+    __slots__ = ("det", "med", "nz", "i", "ref", "D", "Dmin", "k", "h", "rho", "w", "r",
+                 "warm", "start", "pending", "warned", "critical", "run", "persist")
 
     def __init__(self, det):
         cfg = det.cfg
         self.det = det
-        self.sm = _SmoothState(cfg.smooth_window)
-        self.nz = _NoiseState(cfg.smooth_window)
+        self.med = _MedianState(cfg.level_window)
+        self.nz = _NoiseState(cfg.smooth_window, relative=False)
+        self.i = 0
         self.ref = math.inf
         self.D = 0.0
         self.Dmin = math.inf
-        self.k = cfg.divergence_drift
+        self.k = cfg.divergence_k
         self.h = cfg.divergence_h
-        self.nk = cfg.noise_k
-        self.sqw = math.sqrt(cfg.smooth_window)
-        self.minp = cfg.noise_min_pairs
-        self.minpf = float(cfg.noise_min_pairs)
+        self.rho = cfg.divergence_drift
+        self.w = cfg.smooth_window
+        self.r = cfg.level_window
+        self.warm = cfg.warmup_points
+        self.start = None       # step of the first point of the current excursion
+        self.pending: list = []  # fired findings' args, waiting for their recovery
+        self.warned = False
+        self.critical = False
+        self.run = 0
+        self.persist = cfg.divergence_persist
         self.done = False
 
     def push(self, step, x, last):
-        s = self.sm.push(x)
-        nu = self.nz.push(x)
-        n = self.sm.n
-        if n == self.sm.w:  # smoothing starts: a fresh reference and CUSUM
-            self.ref = math.inf
-            self.D = 0.0
-            self.Dmin = math.inf
-        k = self.k
-        m = n - 2  # point-to-point changes seen before this point
-        if m > 0:
-            kn = self.nk * nu / (self.sqw if n >= self.sm.w else 1.0)
-            kn = kn * ((m if m < self.minp else self.minp) / self.minpf)
-            if kn > k:
-                k = kn
+        s = self.med.push(x)
+        a = self.nz.push(x)
+        i = self.i
+        self.i = i + 1
+        p = i - 1 if i - 1 < self.w else self.w
+        pairs = float(p if p > 1 else 1)
+        sd = a * (1.0 + 1.5 / math.sqrt(pairs)) / math.sqrt(float(i + 1 if i + 1 < self.r
+                                                                     else self.r))
+        if not sd > 1e-300:
+            sd = 1e-300
         ref = self.ref = s if s < self.ref else self.ref
-        a = abs(ref)
-        e = (s - ref) / (a if a > 1e-12 else 1e-12)
-        self.D = D = self.D + (e - k)
+        q = (i + 1) // self.r
+        z = (s - ref) / sd - math.sqrt(_2LN2 * float(q.bit_length() - 1 if q > 0 else 0))
+        aref = abs(ref)
+        rel = (s - ref) / (aref if aref > 1e-12 else 1e-12)
+        out = None
+        if self.pending:  # recovery of what fired before: back near the best it was flagged on
+            keep = []
+            for args, base in self.pending:
+                if s <= (1.0 + 0.5 * self.rho) * base:
+                    out = (out or []) + [self.det._f(*args, step)]
+                else:
+                    keep.append((args, base))
+            self.pending = keep
+            self.done = self.critical and not keep
+        if self.start is None:
+            self.start = step
+        self.D = D = self.D + (z - self.k)
         if D < self.Dmin:
             self.Dmin = D
         S = D - (self.Dmin if self.Dmin < 0.0 else 0.0)
-        if S > self.h:
-            self.done = True
-            return [self.det._f(step, s, ref, S, k, n >= self.sm.w)]
-        return None
+        if S > self.h and rel > self.rho:
+            self.run += 1
+            for crit in (False, True):
+                if (self.critical if crit else self.warned) or (crit and not (
+                        self.run >= self.persist and i >= self.warm)):
+                    continue
+                if crit:
+                    self.critical = True
+                else:
+                    self.warned = True
+                args = ("critical" if crit else "warning", step, s, ref, S, sd, self.start)
+                out = (out or []) + [self.det._f(*args, None)]
+                self.pending.append((args, ref))
+        else:
+            self.run = 0
+        if S <= 0.0:
+            self.start = None
+        return out

@@ -1,55 +1,79 @@
 """Owns ``OverfitGap`` (validation loss above the smoothed training loss by more than
-``overfit_ratio``) and its streaming state.
+``overfit_ratio``, on comparable points, while the validation loss rises from its best)
+and its streaming state.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from invariants.signatures.config import SMOOTHED_LOSS
+from invariants.signatures.config import LOSS_COUNT, SMOOTHED_LOSS
 from invariants.signatures.detectors.base import Detector, _first, _State
 from invariants.signatures.findings import _g
 
 
 class OverfitGap(Detector):
-    """At each ``val_loss`` point: ``(val - train)/train > overfit_ratio``.
+    """At a ``val_loss`` point: ``(val - train)/train > overfit_ratio`` and
+    ``val >= (1 + overfit_rise) * best_val`` (the best of the *earlier* val points).
 
     train = the mean of the last ``smooth_window`` ``loss`` points (all of them while
-    fewer) at or before that record: one noisy batch loss must not decide the gap,
-    and an expanding mean of a falling curve can only understate it.
+    fewer) at or before that record.  Only comparable points are judged: never the first
+    val point (nothing to rise from, and a first evaluation is compared with a train mean
+    that still holds the untrained start: 6.44 vs 7.17 is not overfitting), and only once
+    ``overfit_min_train`` train points stand behind the mean.  The rise condition asks
+    for the gap to be *growing* (the validation loss climbing while the training loss is
+    low), the overfitting the seeds describe; a constant gap on a flat validation loss is
+    a plateau (``Plateau``) or the model's capacity, not a change.  ``overfit_rise=0``
+    gives SageMaker's plain ratio rule on comparable points.
     """
 
     signature = "overfit_gap"
     other = SMOOTHED_LOSS
 
-    def _f(self, step, val, train):
-        r = self.cfg.overfit_ratio
-        return self.finding("warning", step, val, train * (1.0 + r),
+    def _f(self, step, val, train, best):
+        c = self.cfg
+        return self.finding("warning", step, val, train * (1.0 + c.overfit_ratio),
                             f"{self.metric}={_g(val)} exceeds train loss {_g(train)} by "
-                            f"{_g(100 * (val - train) / train)}% > {_g(100 * r)}% (SageMaker Overfit)")
+                            f"{_g(100 * (val - train) / train)}% > {_g(100 * c.overfit_ratio)}% "
+                            f"(SageMaker Overfit) and rose from its best {_g(best)} by "
+                            f"{_g(100 * (val - best) / best)}% >= {_g(100 * c.overfit_rise)}%")
 
     def scan(self, view, ctx):
+        c = self.cfg
+        x = view.x
         train, ok = ctx.last_before(self.other, view.pos)
-        ok &= train > 0.0
+        cnt = ctx.count_before("loss", view.pos)
+        best = np.concatenate(([np.inf], np.minimum.accumulate(x)[:-1]))
+        ok &= (train > 0.0) & (cnt >= c.overfit_min_train) & (best > 0.0) & np.isfinite(best)
         with np.errstate(divide="ignore", invalid="ignore"):
-            gap = (view.x - train) / train
-        j = _first(ok & (gap > self.cfg.overfit_ratio))
-        return [self._f(view.step[j], view.x[j], train[j])] if j >= 0 else []
+            gap = (x - train) / train
+        j = _first(ok & (gap > c.overfit_ratio) & (x >= (1.0 + c.overfit_rise) * best))
+        return [self._f(view.step[j], x[j], train[j], best[j])] if j >= 0 else []
 
     def stream(self):
         return _OverfitState(self)
 
 
 class _OverfitState(_State):
-    __slots__ = ("det", "r")
+    __slots__ = ("det", "r", "rise", "minp", "best")
 
     def __init__(self, det):
         self.det = det
         self.r = det.cfg.overfit_ratio
+        self.rise = det.cfg.overfit_rise
+        self.minp = det.cfg.overfit_min_train
+        self.best = math.inf
         self.done = False
 
     def push(self, step, x, last):
+        best = self.best
+        if x < best:
+            self.best = x
         train = last.get(SMOOTHED_LOSS)
-        if train is not None and train > 0.0 and (x - train) / train > self.r:
+        if train is not None and train > 0.0 and last.get(LOSS_COUNT, 0) >= self.minp \
+                and 0.0 < best < math.inf and (x - train) / train > self.r \
+                and x >= (1.0 + self.rise) * best:
             self.done = True
-            return [self.det._f(step, x, train)]
+            return [self.det._f(step, x, train, best)]
         return None

@@ -1,5 +1,5 @@
-"""Owns ``Plateau`` (no improvement within ``plateau_patience`` checks) and its
-streaming state.
+"""Owns ``Plateau`` (the validation loss has not improved within ``plateau_patience``
+checks while the training loss kept improving) and its streaming state.
 """
 from __future__ import annotations
 
@@ -7,58 +7,97 @@ import math
 
 import numpy as np
 
+from invariants.signatures.config import SMOOTHED_LOSS
 from invariants.signatures.detectors.base import Detector, _first, _State
 from invariants.signatures.findings import _g
 
 
 class Plateau(Detector):
-    """No point among the last ``patience`` is below (best before them) - ``min_delta``."""
+    """No point among the last ``patience`` is below (best before them) - ``min_delta``,
+    while the smoothed training loss has fallen more than ``plateau_train_gain`` (relative)
+    since that best.
+
+    The second condition is what makes a flat validation curve a signature (seed 002:
+    validation stuck at 2.5 while training improves): at convergence both curves are flat
+    and a team has nothing to act on.  Without a training loss in the log, or with
+    ``plateau_train_gain=0``, it is the plain early-stopping rule.
+    """
 
     signature = "plateau"
+    other = SMOOTHED_LOSS
 
-    def _f(self, step, recent, prior):
+    def _f(self, step, recent, prior, t_best, t_now):
         c = self.cfg
+        why = "" if t_now is None else (
+            f", while the train loss fell from {_g(t_best)} to {_g(t_now)}")
         return self.finding("warning", step, recent, prior - c.plateau_min_delta,
                             f"{self.metric} has not improved by more than {_g(c.plateau_min_delta)} "
                             f"for {c.plateau_patience} checks: best of them {_g(recent)}, best "
-                            f"before {_g(prior)}")
+                            f"before {_g(prior)}{why}")
 
     def scan(self, view, ctx):
-        p = self.cfg.plateau_patience
+        c = self.cfg
+        p = c.plateau_patience
         x = view.x
         n = len(x)
         if n <= p:
             return []
-        prior = np.minimum.accumulate(x)[: n - p]                  # best of x[0 .. i-p]
+        run = np.minimum.accumulate(x)
+        prior = run[: n - p]                                       # best of x[0 .. i-p]
         recent = np.lib.stride_tricks.sliding_window_view(x, p).min(axis=1)[1:]  # min x[i-p+1 .. i]
-        j = _first(recent >= prior - self.cfg.plateau_min_delta)
-        return [self._f(view.step[j + p], recent[j], prior[j])] if j >= 0 else []
+        new = x < np.concatenate(([np.inf], run[:-1]))             # a strictly new best
+        at = np.maximum.accumulate(np.where(new, np.arange(n), 0))[: n - p]  # index of prior
+        train, has = ctx.last_before(self.other, view.pos)
+        gain = np.ones(n - p, dtype=bool)
+        if has.any():
+            tb, hb = train[at], has[at]
+            tn, hn = train[p:], has[p:]
+            gain = ~hn | (hb & (tn < (1.0 - c.plateau_train_gain) * tb))
+        j = _first((recent >= prior - c.plateau_min_delta) & gain)
+        if j < 0:
+            return []
+        t = has.any() and bool(has[j + p]) and bool(has[at[j]])
+        return [self._f(view.step[j + p], recent[j], prior[j], train[at[j]] if t else None,
+                        train[j + p] if t else None)]
 
     def stream(self):
         return _PlateauState(self)
 
 
 class _PlateauState(_State):
-    __slots__ = ("det", "buf", "prior", "p", "delta")
+    __slots__ = ("det", "buf", "prior", "tprior", "p", "delta", "gain", "seen_train")
 
     def __init__(self, det):
         self.det = det
-        self.buf: list[float] = []
+        self.buf: list[tuple] = []  # (val, train at that record or None)
         self.prior = math.inf
+        self.tprior = None
         self.p = det.cfg.plateau_patience
         self.delta = det.cfg.plateau_min_delta
+        self.gain = det.cfg.plateau_train_gain
+        self.seen_train = False
         self.done = False
 
     def push(self, step, x, last):
+        train = last.get(SMOOTHED_LOSS)
+        if train is not None:
+            self.seen_train = True
         buf = self.buf
         if len(buf) == self.p:
-            old = buf.pop(0)
+            old, told = buf.pop(0)
             if old < self.prior:
-                self.prior = old
-        buf.append(x)
+                self.prior, self.tprior = old, told
+        buf.append((x, train))
         if self.prior < math.inf:
-            recent = min(buf)
+            recent = min(v for v, _ in buf)
             if recent >= self.prior - self.delta:
-                self.done = True
-                return [self.det._f(step, recent, self.prior)]
+                if not self.seen_train or train is None:
+                    ok = True
+                else:
+                    ok = self.tprior is not None and train < (1.0 - self.gain) * self.tprior
+                if ok:
+                    self.done = True
+                    t = self.seen_train and train is not None and self.tprior is not None
+                    return [self.det._f(step, recent, self.prior,
+                                        self.tprior if t else None, train if t else None)]
         return None
