@@ -8,7 +8,12 @@ from invariants import GoldenTolerance
 from reference_models.golden_common import EXACT, collapse_pair, rel
 from reference_models.lora_init import collapse
 
-BROKEN_SIGNATURES = (("divergence", "val_loss"), ("entropy_spike", "entropy"))
+# The garbled model at the attach step, as a critical finding: the probe entropy's spike (a
+# level rule: 0.4-0.6 -> 3.3-3.5, above the seed-000 collapse level 2.0). The probe loss's
+# jump (1.1-1.3 -> 3.4-3.8) is a warning: its 13 logged points hold no statistics, and a
+# statistical rule gives no critical verdict before a warm-up of points (issue 15,
+# docs/signatures.md). The run's check asserts the KL and the changed tokens.
+BROKEN_SIGNATURES = (("entropy_spike", "entropy"),)
 
 # world size 2 (golden_common): measured max relative deviation over both runs in the comments
 # (torch 2.13.0+cpu, gloo, 2 ranks). The pretraining (steps 0-29) is replayed on every rank:
