@@ -15,9 +15,10 @@ BROKEN_SIGNATURES = (("divergence", "loss"), ("mode_collapse", "sample"))
 # and broken run before step 10, in the comments (torch 2.13.0+cpu, gloo, 2 ranks). The
 # `sample` texts are compared exactly (all 24 of the fixed run were identical).
 DISTRIBUTED_TOLERANCES: dict[str, GoldenTolerance] = {
-    "loss": rel(3e-6),            # 5.14e-7
-    "grad_norm": rel(5e-5),       # 1.04e-5 (fixed, step 183; <= 1e-6 to step 77)
-    "val_loss": rel(7e-7),        # 1.54e-7
+    # 4 x the measured maximum (golden_common), re-measured with the fixed run's stage ramp
+    "loss": rel(5e-6),            # 1.14e-6 (fixed, step 115)
+    "grad_norm": rel(2e-4),       # 3.14e-5 (fixed, step 178; the broken run <= 8.3e-7 to step 9)
+    "val_loss": rel(2e-6),        # 2.94e-7 (fixed, step 180)
     "lr": EXACT}
 # the broken run's dynamics amplify DDP's float32 rounding: compared before this step (the first
 # step at which a metric's deviation exceeds a tenth of its world-size-1 tolerance)
