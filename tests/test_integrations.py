@@ -23,7 +23,7 @@ import warnings
 import pytest
 import torch
 
-from invariants import CollapseGuard, CollapseWarning, InvalidArgumentError
+from invariants import CollapseGuard, CollapseWarning, InvalidArgumentError, SignatureConfig
 
 HAS_HF = importlib.util.find_spec("transformers") is not None
 HAS_PL = importlib.util.find_spec("lightning") is not None
@@ -133,8 +133,12 @@ def test_lightning_grad_norm_flag_must_be_bool():
 
 
 # ------------------------------------------------------------------ HF Trainer
-HF_STEPS = 32
 LR_SPIKE_AT = 24  # after the detectors' warm-up (a blow-up in the first points is a warning)
+# a finite blow-up is critical once its divergence has held `divergence_persist` points (the
+# severity ladder), flagged within ~8 points of the fault: the run must last that long
+_PERSIST = SignatureConfig().divergence_persist
+HF_STEPS = LR_SPIKE_AT + 8 + _PERSIST + 8
+BLOW_UP_STOP = (LR_SPIKE_AT + 2, LR_SPIKE_AT + 8 + _PERSIST)
 BLOW_UP = {("divergence", "loss"), ("non_finite", "loss")}   # whichever the detectors see first
 # id, TrainingArguments overrides, the fault (what, at step k: it acts from global step
 # k + 1 on), guard mode, expected stop window (None: runs to the end), the (signature,
@@ -148,7 +152,7 @@ HF_CASES = [
      ("non_finite", "loss")),
     ("nan-between-logs", {"logging_steps": 50}, ("nan", 5), "stop", (6, 6),
      ("non_finite", "loss")),
-    ("lr-1e3", {}, ("lr", LR_SPIKE_AT), "stop", (LR_SPIKE_AT + 2, LR_SPIKE_AT + 8), BLOW_UP),
+    ("lr-1e3", {}, ("lr", LR_SPIKE_AT), "stop", BLOW_UP_STOP, BLOW_UP),
     ("nan-warn-mode", {}, ("nan", 5), "warn", None, ("non_finite", "loss")),
 ]
 
@@ -242,7 +246,9 @@ def test_hf_callback(tmp_path, caplog, overrides, fault, mode, stop, expected):
     if expected is None:  # the guard got the logged values under the canonical names
         assert guard.names() == {"loss", "grad_norm", "lr", "val_loss"}, guard.names()
         assert [(s, m["loss"]) for s, m in guard.fed if "loss" in m] == logged
-        assert [s for s, m in guard.fed if "val_loss" in m] == [16, 32]
+        # evaluations every 16 steps, and HF's evaluation at the last step
+        evals = sorted({*range(16, HF_STEPS + 1, 16), HF_STEPS})
+        assert [s for s, m in guard.fed if "val_loss" in m] == evals
 
 
 # ------------------------------------------------------------------ Lightning Trainer
@@ -256,7 +262,7 @@ PL_CASES = [
      ("non_finite", "loss")),
     ("nan-batch-buffered", {"nan_from": 10}, {"sync_every": 16}, (11, 15),
      ("non_finite", "loss")),
-    ("lr-1e3", {"lr_spike_at": LR_SPIKE_AT}, {}, (LR_SPIKE_AT + 2, LR_SPIKE_AT + 8), BLOW_UP),
+    ("lr-1e3", {"lr_spike_at": LR_SPIKE_AT}, {}, BLOW_UP_STOP, BLOW_UP),
     ("nan-warn-mode", {"nan_from": 10}, {"mode": "warn"}, None, ("non_finite", "loss")),
 ]
 
