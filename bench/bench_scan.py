@@ -56,21 +56,28 @@ def _pandas_scan(data: dict[str, np.ndarray], cfg: SignatureConfig) -> dict[str,
 
     loss = pd.Series(data["loss"])
     prev = loss.shift(1)
-    mu = prev.rolling(cfg.spike_window, min_periods=cfg.spike_min_periods).mean()
-    sd = prev.rolling(cfg.spike_window, min_periods=cfg.spike_min_periods).std(ddof=0)
-    sd = np.maximum(sd, cfg.spike_sigma_floor * mu.abs())
-    hit("loss_spike", loss >= mu + cfg.spike_k * sd)
-    hit("loss_jump", (prev > 0) & (loss > cfg.jump_ratio * prev))
-    w = cfg.smooth_window
-    s = loss.rolling(w).mean().fillna(loss)
-    ref = s.cummin()
-    e = (s - ref) / ref.abs().clip(lower=1e-12)
-    nu = (loss.diff().abs() / loss.shift(1).abs()).shift(1).rolling(w, min_periods=1).mean()
-    phase_in = np.minimum(np.maximum(np.arange(len(loss)) - 1, 0), cfg.noise_min_pairs) \
-        / cfg.noise_min_pairs
-    k = np.maximum(cfg.divergence_drift, cfg.noise_k * nu / math.sqrt(w) * phase_in)
-    d = (e - k).cumsum()
-    hit("divergence", (d - np.minimum(d.cummin(), 0.0)) > cfg.divergence_h)
+    p, r, w = cfg.spike_min_periods, cfg.level_window, cfg.smooth_window
+    level = loss.rolling(r, min_periods=1).median()      # the ladder's level (pandas: mean
+    lv = level.shift(1)                                  # of the two middles while even)
+    top = prev.rolling(cfg.spike_window, min_periods=1).max()
+    spread = np.maximum(top - lv, cfg.spike_sigma_floor * lv.abs())
+    hit("loss_spike", (loss.index >= p) & (loss > lv + cfg.spike_k * spread))
+    hit("loss_jump", (loss.index < p) & (lv > 0) & (loss > cfg.jump_ratio * lv))
+    idx = np.arange(len(loss))
+    a = loss.diff().abs().shift(1).rolling(w, min_periods=1).mean().fillna(0.0)
+    pairs = np.maximum(np.minimum(idx - 1, w), 1)
+    sd = np.maximum(a * (1.0 + 1.5 / np.sqrt(pairs)) / np.sqrt(np.minimum(idx + 1, r)), 1e-300)
+    ref = level.cummin()
+    q = (idx + 1) // r
+    bias = np.sqrt(2 * math.log(2) * np.floor(np.log2(np.maximum(q, 1))))
+    d = ((level - ref) / sd - bias - cfg.divergence_k).cumsum()
+    cus = d - np.minimum(d.cummin(), 0.0)
+    flag = (cus > cfg.divergence_h) & ((level - ref) / ref.abs().clip(lower=1e-12)
+                                      > cfg.divergence_drift)
+    hit("divergence", flag)
+    streak = flag.groupby((~flag).cumsum()).cumsum()   # consecutive flagged points
+    hit("divergence_critical", (streak >= cfg.divergence_persist)
+        & (loss.index >= cfg.warmup_points))
     g = pd.Series(data["grad_norm"])
     ema = g.ewm(alpha=1 - cfg.zclip_alpha, adjust=False).mean()
     var = ((g - ema) ** 2).ewm(alpha=1 - cfg.zclip_alpha, adjust=False).mean()

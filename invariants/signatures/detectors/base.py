@@ -104,12 +104,17 @@ def _smoothed(x: np.ndarray, w: int, expanding: bool = False) -> np.ndarray:
     s = x.copy()
     if n == 0:
         return s
-    V = np.concatenate(([0.0], np.cumsum(x - x[0])))  # V[c] = sum of the first c points
+    V = np.empty(n + 1)                               # V[c] = sum of the first c points
+    V[0] = 0.0
+    np.cumsum(np.subtract(x, x[0], out=V[1:]), out=V[1:])
     if expanding:
         L = min(n, w - 1)
         s[:L] = x[0] + V[1:L + 1] / np.arange(1, L + 1, dtype=np.float64)
-    if n >= w:  # counts c = w .. n
-        s[w - 1:] = x[0] + (V[w:n + 1] - V[0:n + 1 - w]) / float(w)
+    if n >= w:  # counts c = w .. n; in place (the arrays are the series' size)
+        tail = s[w - 1:]
+        np.subtract(V[w:n + 1], V[0:n + 1 - w], out=tail)
+        tail /= float(w)
+        tail += x[0]
     return s
 
 
@@ -143,21 +148,23 @@ def _noise(x: np.ndarray, w: int, relative: bool = True) -> np.ndarray:
     j <= i - 1 (0 when there is none): the point-to-point relative noise before point i.
     ``relative=False``: the mean of |x_j - x_{j-1}| (absolute noise, the metric's units)."""
     n = len(x)
-    r = np.zeros(n)
-    if n > 1:
-        r[1:] = np.abs(x[1:] - x[:-1])
+    R = np.zeros(n)
+    if n > 1:   # r_j, in place (these arrays are the series' size: temporaries cost time)
+        r = R[1:]
+        np.abs(np.subtract(x[1:], x[:-1], out=r), out=r)
         if relative:
-            r[1:] = r[1:] / np.maximum(np.abs(x[:-1]), 1e-12)
-    R = np.cumsum(r)  # R[j] = r_1 + ... + r_j
+            den = np.abs(x[:-1])
+            r /= np.maximum(den, 1e-12, out=den)
+    np.cumsum(R, out=R)  # R[j] = r_1 + ... + r_j
     nu = np.zeros(n)
     if n > 2:
         # point i >= 2: pairs lo+1 .. hi with hi = i - 1, lo = max(hi - w, 0)
-        hi = np.arange(1, n - 1)
-        s = min(w, n - 2)             # hi <= w: lo = 0 (R[0] = 0)
-        Rlo = np.zeros(n - 2)
-        Rlo[s:] = R[1:n - 1 - s]    # hi > w: lo = hi - w = 1, 2, ...
-        cnt = np.minimum(hi, w).astype(np.float64)
-        nu[2:] = (R[1:n - 1] - Rlo) / cnt
+        s = min(w, n - 2)             # hi <= w: lo = 0 (R[0] = 0), count hi
+        out = nu[2:]
+        out[:] = R[1:n - 1]
+        out[s:] -= R[1:n - 1 - s]     # hi > w: lo = hi - w = 1, 2, ...; count w
+        out[:s] /= np.arange(1, s + 1, dtype=np.float64)
+        out[s:] /= float(w)
     return nu
 
 
@@ -220,13 +227,17 @@ def _median_low(x: np.ndarray, r: int) -> np.ndarray:
     head = min(n, r - 1)
     for i in range(head):
         m[i] = sorted(x[: i + 1].tolist())[i // 2]
-    if n >= r:
-        cols = [x[j:n - r + 1 + j] for j in range(r)]
+    if n >= r:   # compare-exchange in place: one spare buffer, no temporaries per pair
+        k = n - r + 1
+        cols = [x[j:k + j].copy() for j in range(r)]
+        spare = np.empty(k)
         pairs = _MED9 if r == 9 else [(i, i + 1) for p in range(r)
                                       for i in range(p % 2, r - 1, 2)]
         for a, b in pairs:
             u, v = cols[a], cols[b]
-            cols[a], cols[b] = np.minimum(u, v), np.maximum(u, v)
+            np.minimum(u, v, out=spare)
+            np.maximum(u, v, out=v)
+            cols[a], spare = spare, u
         m[r - 1:] = cols[4 if r == 9 else (r - 1) // 2]
     return m
 
@@ -266,8 +277,8 @@ def _prev_max(x: np.ndarray, w: int) -> np.ndarray:
         B = pad.reshape(k, w)
         pre = np.maximum.accumulate(B, axis=1).reshape(-1)
         suf = np.maximum.accumulate(B[:, ::-1], axis=1)[:, ::-1].reshape(-1)
-        s = np.arange(len(y) - w + 1)   # window start
-        M[w:] = np.maximum(suf[s], pre[s + w - 1])
+        q = len(y) - w + 1              # windows start at 0 .. q - 1: slices, not gathers
+        np.maximum(suf[:q], pre[w - 1:w - 1 + q], out=M[w:])
     return M
 
 

@@ -88,8 +88,13 @@ class LossSpike(Detector):
         M = _prev_max(x, c.spike_window)
         lv = m[p - 1:n - 1]
         top = M[p:]
-        spread = np.maximum(top - lv, c.spike_sigma_floor * np.abs(lv))
-        thr = lv + c.spike_k * spread
+        # thr = lv + k * max(top - lv, floor * |lv|), in place (series-sized arrays)
+        thr = np.subtract(top, lv)
+        floor = np.abs(lv)
+        floor *= c.spike_sigma_floor
+        np.maximum(thr, floor, out=thr)
+        thr *= c.spike_k
+        thr += lv
         j = _first(x[p:] > thr)
         if j < 0:
             return []
@@ -261,17 +266,31 @@ class Divergence(Detector):
         n = len(x)
         r = c.level_window
         s = _level(self.metric, x, c, ctx)
-        a = _noise(x, c.smooth_window, relative=False)
         idx = np.arange(n)
-        pairs = np.maximum(np.minimum(idx - 1, c.smooth_window), 1).astype(np.float64)
-        cm = np.sqrt(np.minimum(idx + 1, r).astype(np.float64))
-        sd = np.maximum(a * (1.0 + 1.5 / np.sqrt(pairs)) / cm, 1e-300)
+        # sd = a * (1 + 1.5 / sqrt(pairs)) / sqrt(points in the median), in place on a (the
+        # arrays are the series' size); both factors are constant past their first points
+        sd = _noise(x, c.smooth_window, relative=False)
+        k = min(n, max(c.smooth_window + 2, r))
+        pairs = np.maximum(np.minimum(idx[:k] - 1, c.smooth_window), 1).astype(np.float64)
+        cm = np.sqrt(np.minimum(idx[:k] + 1, r).astype(np.float64))
+        sd[:k] *= 1.0 + 1.5 / np.sqrt(pairs)
+        sd[:k] /= cm
+        if n > k:
+            sd[k:] *= 1.0 + 1.5 / np.sqrt(np.float64(c.smooth_window))
+            sd[k:] /= np.sqrt(np.float64(r))
+        np.maximum(sd, 1e-300, out=sd)
         ref = np.minimum.accumulate(s)
-        z = (s - ref) / sd - _min_bias(idx, r)
-        rel = (s - ref) / np.maximum(np.abs(ref), 1e-12)
-        D = np.cumsum(z - c.divergence_k)
-        S = D - np.minimum(np.minimum.accumulate(D), 0.0)
+        diff = np.subtract(s, ref)
+        rel = np.maximum(np.abs(ref), 1e-12)
+        np.divide(diff, rel, out=rel)
+        D = np.divide(diff, sd, out=diff)
+        D -= _min_bias(idx, r)
+        D -= c.divergence_k
+        np.cumsum(D, out=D)
+        S = np.subtract(D, np.minimum(np.minimum.accumulate(D), 0.0))
         hit = (S > c.divergence_h) & (rel > c.divergence_drift)
+        if not hit.any():
+            return []
         run = idx - np.maximum.accumulate(np.where(hit, -1, idx))  # consecutive hits so far
         out = []
         zero = np.flatnonzero(S <= 0.0)
