@@ -6,177 +6,315 @@ distributed checks and collapse signatures lives in the public subpackages
 ``invariants.golden``, ``invariants.distributed`` and ``invariants.signatures``; the fixes users
 put in their training code in ``invariants.fixes``; argument checks in ``invariants.validation``.
 docs/architecture.md is the map.
+
+Names load on first use (PEP 562): ``import invariants`` costs what ``invariants scan``
+needs, and torch, Hypothesis strategies or the golden machinery are imported only when one of
+their names is touched. The ``_typing.TYPE_CHECKING`` block is the explicit list, one name per
+line with its owner, for type checkers and readers; ``_OWNERS`` is the same list at run time
+(``tests/test_public_api.py`` checks that they agree).
 """
+import importlib as _importlib
+import typing as _typing
+
 from invariants import _profiles  # noqa: F401  (registers the ci/dev/thorough profiles)
-from invariants._catalog import (
-    Case,
-    Outcome,
-    load_catalog,
-    run_case,
-)
-from invariants._checkpoint import (
-    ArgumentLayout,
-    argument_layouts,
-    assert_checkpoint_gradient_equivalent,
-)
-from invariants._context_checks import (
-    PCT_UNDEFINED_BELOW,
-    assert_context_rows_normalized,
-    assert_context_update_smoothed,
-    assert_query_gradient_blocked,
-    assert_residual_scaled,
-)
-from invariants._context_strategies import (
-    ContextSpec,
-    context_specs,
-    contexts,
-    lr_scales,
-    unit_fractions,
-)
-from invariants._context_training import (
-    assert_context_diagnostics_match,
-    assert_encoder_frozen_by_zero_lr,
-    assert_encoder_grad_share_valid,
-    assert_encoder_lr_scaled,
-    context_diagnostics_reference,
-    encoder_grad_share_reference,
-)
-from invariants._determinism import (
-    deterministic,
-    num_threads,
-    one_thread,
-    seeded,
-)
-from invariants._errors import (
-    InvalidArgumentError,
-    InvariantViolation,
-)
-from invariants._hyperlora_checks import (
-    assert_clamp_identity_below_cap,
-    assert_clamp_preserves_direction,
-    assert_delta_norms_bounded,
-    assert_gradient_reaches_predictor,
-    assert_predictor_deltas_bounded,
-)
-from invariants._hyperlora_strategies import (
-    hyperlora_contexts,
-    lora_norm_series,
-    weight_deltas,
-)
-from invariants._hyperlora_training import (
-    assert_lora_decay_term,
-    assert_norm_governor_acts,
-    assert_param_group_lrs,
-)
-from invariants._lora import (
-    LoraSpec,
-    assert_adapter_contribution_negligible,
-    assert_adapter_delta_within_bound,
-    assert_adapter_gradients_flow_at_init,
-    assert_adapter_identity_at_init,
-    assert_adapter_kl_zero,
-    assert_merge_roundtrip,
-    assert_scale_schedule_progressive,
-)
-from invariants._pipeline_checks import (
-    assert_best_checkpoint_tracks_minimum,
-    assert_curriculum_progresses,
-    assert_early_stopping_follows_patience,
-    assert_gradients_clipped,
-    assert_stage_boundary_keeps_optimizer_state,
-    expected_early_stop,
-)
-from invariants._pipeline_data import (
-    assert_sources_balanced,
-    assert_validation_split_sound,
-)
-from invariants._pipeline_schedules import (
-    assert_grokfast_filter_exact,
-    assert_lr_schedule_warmup_cosine,
-)
-from invariants._pipeline_strategies import (
-    LRScheduleConfig,
-    gradient_sets,
-    lr_schedule_configs,
-    split_sizes,
-    val_loss_sequences,
-)
-from invariants._profiles import (
-    PROFILES,
-    load_profile,
-)
-from invariants._staging import (
-    assert_film_identity_at_init,
-    assert_stage_schedule_honoured,
-    assert_staged_module_active_from_start,
-    assert_staged_module_identity_before_start,
-    assert_weight_ema_tracks_weights,
-    start_epochs,
-    weight_histories,
-)
-from invariants._strategies import (
-    LoraConfig,
-    dtypes,
-    float_tensors,
-    lora_configs,
-    values_around,
-)
-from invariants._tolerances import (
-    TOLERANCES,
-    Tolerance,
-    tolerance_for,
-)
-from invariants.distributed import (
-    RankConsistentGuard,
-    StepSpec,
-    agree_across_ranks,
-    assert_ddp_step_equivalent,
-    assert_ranks_agree,
-    ddp_equivalence,
-    ddp_equivalences,
-    ddp_token_mean,
-    spawn_group,
-    sum_reduction_scale,
-)
-from invariants.fixes import (
-    GOVERNOR_LEVELS,
-    GovernorDecision,
-    NormGovernor,
-    clamp_frobenius,
-    frobenius_norms,
-)
-from invariants.golden import (
-    GoldenError,
-    GoldenRun,
-    GoldenTolerance,
-    assert_matches_golden,
-    compare_curves,
-    device_key,
-    read_golden,
-    record_golden,
-)
-from invariants.signatures import (
-    CANONICAL_METRICS,
-    CollapseDetected,
-    CollapseGuard,
-    CollapseWarning,
-    Finding,
-    LogData,
-    SIGNATURES,
-    SampleStatistics,
-    SignatureConfig,
-    StreamingScanner,
-    VectorisedScanner,
-    metric_series,
-    read_log,
-    render_report,
-    sample_statistics,
-    scan_file,
-    scan_records,
-    scan_series,
-    verdict_of,
-    write_plot,
-)
+
+if _typing.TYPE_CHECKING:
+    from invariants._catalog import (
+        Case,
+        Outcome,
+        load_catalog,
+        run_case,
+    )
+    from invariants._checkpoint import (
+        ArgumentLayout,
+        argument_layouts,
+        assert_checkpoint_gradient_equivalent,
+    )
+    from invariants._context_checks import (
+        PCT_UNDEFINED_BELOW,
+        assert_context_rows_normalized,
+        assert_context_update_smoothed,
+        assert_query_gradient_blocked,
+        assert_residual_scaled,
+    )
+    from invariants._context_strategies import (
+        ContextSpec,
+        context_specs,
+        contexts,
+        lr_scales,
+        unit_fractions,
+    )
+    from invariants._context_training import (
+        assert_context_diagnostics_match,
+        assert_encoder_frozen_by_zero_lr,
+        assert_encoder_grad_share_valid,
+        assert_encoder_lr_scaled,
+        context_diagnostics_reference,
+        encoder_grad_share_reference,
+    )
+    from invariants._determinism import (
+        deterministic,
+        num_threads,
+        one_thread,
+        seeded,
+    )
+    from invariants._errors import (
+        InvalidArgumentError,
+        InvariantViolation,
+    )
+    from invariants._hyperlora_checks import (
+        assert_clamp_identity_below_cap,
+        assert_clamp_preserves_direction,
+        assert_delta_norms_bounded,
+        assert_gradient_reaches_predictor,
+        assert_predictor_deltas_bounded,
+    )
+    from invariants._hyperlora_strategies import (
+        hyperlora_contexts,
+        lora_norm_series,
+        weight_deltas,
+    )
+    from invariants._hyperlora_training import (
+        assert_lora_decay_term,
+        assert_norm_governor_acts,
+        assert_param_group_lrs,
+    )
+    from invariants._lora import (
+        LoraSpec,
+        assert_adapter_contribution_negligible,
+        assert_adapter_delta_within_bound,
+        assert_adapter_gradients_flow_at_init,
+        assert_adapter_identity_at_init,
+        assert_adapter_kl_zero,
+        assert_merge_roundtrip,
+        assert_scale_schedule_progressive,
+    )
+    from invariants._pipeline_checks import (
+        assert_best_checkpoint_tracks_minimum,
+        assert_curriculum_progresses,
+        assert_early_stopping_follows_patience,
+        assert_gradients_clipped,
+        assert_stage_boundary_keeps_optimizer_state,
+        expected_early_stop,
+    )
+    from invariants._pipeline_data import (
+        assert_sources_balanced,
+        assert_validation_split_sound,
+    )
+    from invariants._pipeline_schedules import (
+        assert_grokfast_filter_exact,
+        assert_lr_schedule_warmup_cosine,
+    )
+    from invariants._pipeline_strategies import (
+        LRScheduleConfig,
+        gradient_sets,
+        lr_schedule_configs,
+        split_sizes,
+        val_loss_sequences,
+    )
+    from invariants._profiles import (
+        PROFILES,
+        load_profile,
+    )
+    from invariants._staging import (
+        assert_film_identity_at_init,
+        assert_stage_schedule_honoured,
+        assert_staged_module_active_from_start,
+        assert_staged_module_identity_before_start,
+        assert_weight_ema_tracks_weights,
+        start_epochs,
+        weight_histories,
+    )
+    from invariants._strategies import (
+        LoraConfig,
+        dtypes,
+        float_tensors,
+        lora_configs,
+        values_around,
+    )
+    from invariants._tolerances import (
+        TOLERANCES,
+        Tolerance,
+        tolerance_for,
+    )
+    from invariants.distributed import (
+        RankConsistentGuard,
+        StepSpec,
+        agree_across_ranks,
+        assert_ddp_step_equivalent,
+        assert_ranks_agree,
+        ddp_equivalence,
+        ddp_equivalences,
+        ddp_token_mean,
+        spawn_group,
+        sum_reduction_scale,
+    )
+    from invariants.fixes import (
+        GOVERNOR_LEVELS,
+        GovernorDecision,
+        NormGovernor,
+        clamp_frobenius,
+        frobenius_norms,
+    )
+    from invariants.golden import (
+        GoldenError,
+        GoldenRun,
+        GoldenTolerance,
+        assert_matches_golden,
+        compare_curves,
+        device_key,
+        read_golden,
+        record_golden,
+    )
+    from invariants.signatures import (
+        CANONICAL_METRICS,
+        CollapseDetected,
+        CollapseGuard,
+        CollapseWarning,
+        Finding,
+        LogData,
+        SIGNATURES,
+        SampleStatistics,
+        SignatureConfig,
+        StreamingScanner,
+        VectorisedScanner,
+        metric_series,
+        read_log,
+        render_report,
+        sample_statistics,
+        scan_file,
+        scan_records,
+        scan_series,
+        verdict_of,
+        write_plot,
+    )
+
+# name -> the module that owns it (the TYPE_CHECKING block above, at run time)
+_OWNERS = {
+    "Case": "invariants._catalog",
+    "Outcome": "invariants._catalog",
+    "load_catalog": "invariants._catalog",
+    "run_case": "invariants._catalog",
+    "ArgumentLayout": "invariants._checkpoint",
+    "argument_layouts": "invariants._checkpoint",
+    "assert_checkpoint_gradient_equivalent": "invariants._checkpoint",
+    "PCT_UNDEFINED_BELOW": "invariants._context_checks",
+    "assert_context_rows_normalized": "invariants._context_checks",
+    "assert_context_update_smoothed": "invariants._context_checks",
+    "assert_query_gradient_blocked": "invariants._context_checks",
+    "assert_residual_scaled": "invariants._context_checks",
+    "ContextSpec": "invariants._context_strategies",
+    "context_specs": "invariants._context_strategies",
+    "contexts": "invariants._context_strategies",
+    "lr_scales": "invariants._context_strategies",
+    "unit_fractions": "invariants._context_strategies",
+    "assert_context_diagnostics_match": "invariants._context_training",
+    "assert_encoder_frozen_by_zero_lr": "invariants._context_training",
+    "assert_encoder_grad_share_valid": "invariants._context_training",
+    "assert_encoder_lr_scaled": "invariants._context_training",
+    "context_diagnostics_reference": "invariants._context_training",
+    "encoder_grad_share_reference": "invariants._context_training",
+    "deterministic": "invariants._determinism",
+    "num_threads": "invariants._determinism",
+    "one_thread": "invariants._determinism",
+    "seeded": "invariants._determinism",
+    "InvalidArgumentError": "invariants._errors",
+    "InvariantViolation": "invariants._errors",
+    "assert_clamp_identity_below_cap": "invariants._hyperlora_checks",
+    "assert_clamp_preserves_direction": "invariants._hyperlora_checks",
+    "assert_delta_norms_bounded": "invariants._hyperlora_checks",
+    "assert_gradient_reaches_predictor": "invariants._hyperlora_checks",
+    "assert_predictor_deltas_bounded": "invariants._hyperlora_checks",
+    "hyperlora_contexts": "invariants._hyperlora_strategies",
+    "lora_norm_series": "invariants._hyperlora_strategies",
+    "weight_deltas": "invariants._hyperlora_strategies",
+    "assert_lora_decay_term": "invariants._hyperlora_training",
+    "assert_norm_governor_acts": "invariants._hyperlora_training",
+    "assert_param_group_lrs": "invariants._hyperlora_training",
+    "LoraSpec": "invariants._lora",
+    "assert_adapter_contribution_negligible": "invariants._lora",
+    "assert_adapter_delta_within_bound": "invariants._lora",
+    "assert_adapter_gradients_flow_at_init": "invariants._lora",
+    "assert_adapter_identity_at_init": "invariants._lora",
+    "assert_adapter_kl_zero": "invariants._lora",
+    "assert_merge_roundtrip": "invariants._lora",
+    "assert_scale_schedule_progressive": "invariants._lora",
+    "assert_best_checkpoint_tracks_minimum": "invariants._pipeline_checks",
+    "assert_curriculum_progresses": "invariants._pipeline_checks",
+    "assert_early_stopping_follows_patience": "invariants._pipeline_checks",
+    "assert_gradients_clipped": "invariants._pipeline_checks",
+    "assert_stage_boundary_keeps_optimizer_state": "invariants._pipeline_checks",
+    "expected_early_stop": "invariants._pipeline_checks",
+    "assert_sources_balanced": "invariants._pipeline_data",
+    "assert_validation_split_sound": "invariants._pipeline_data",
+    "assert_grokfast_filter_exact": "invariants._pipeline_schedules",
+    "assert_lr_schedule_warmup_cosine": "invariants._pipeline_schedules",
+    "LRScheduleConfig": "invariants._pipeline_strategies",
+    "gradient_sets": "invariants._pipeline_strategies",
+    "lr_schedule_configs": "invariants._pipeline_strategies",
+    "split_sizes": "invariants._pipeline_strategies",
+    "val_loss_sequences": "invariants._pipeline_strategies",
+    "PROFILES": "invariants._profiles",
+    "load_profile": "invariants._profiles",
+    "assert_film_identity_at_init": "invariants._staging",
+    "assert_stage_schedule_honoured": "invariants._staging",
+    "assert_staged_module_active_from_start": "invariants._staging",
+    "assert_staged_module_identity_before_start": "invariants._staging",
+    "assert_weight_ema_tracks_weights": "invariants._staging",
+    "start_epochs": "invariants._staging",
+    "weight_histories": "invariants._staging",
+    "LoraConfig": "invariants._strategies",
+    "dtypes": "invariants._strategies",
+    "float_tensors": "invariants._strategies",
+    "lora_configs": "invariants._strategies",
+    "values_around": "invariants._strategies",
+    "TOLERANCES": "invariants._tolerances",
+    "Tolerance": "invariants._tolerances",
+    "tolerance_for": "invariants._tolerances",
+    "RankConsistentGuard": "invariants.distributed",
+    "StepSpec": "invariants.distributed",
+    "agree_across_ranks": "invariants.distributed",
+    "assert_ddp_step_equivalent": "invariants.distributed",
+    "assert_ranks_agree": "invariants.distributed",
+    "ddp_equivalence": "invariants.distributed",
+    "ddp_equivalences": "invariants.distributed",
+    "ddp_token_mean": "invariants.distributed",
+    "spawn_group": "invariants.distributed",
+    "sum_reduction_scale": "invariants.distributed",
+    "GOVERNOR_LEVELS": "invariants.fixes",
+    "GovernorDecision": "invariants.fixes",
+    "NormGovernor": "invariants.fixes",
+    "clamp_frobenius": "invariants.fixes",
+    "frobenius_norms": "invariants.fixes",
+    "GoldenError": "invariants.golden",
+    "GoldenRun": "invariants.golden",
+    "GoldenTolerance": "invariants.golden",
+    "assert_matches_golden": "invariants.golden",
+    "compare_curves": "invariants.golden",
+    "device_key": "invariants.golden",
+    "read_golden": "invariants.golden",
+    "record_golden": "invariants.golden",
+    "CANONICAL_METRICS": "invariants.signatures",
+    "CollapseDetected": "invariants.signatures",
+    "CollapseGuard": "invariants.signatures",
+    "CollapseWarning": "invariants.signatures",
+    "Finding": "invariants.signatures",
+    "LogData": "invariants.signatures",
+    "SIGNATURES": "invariants.signatures",
+    "SampleStatistics": "invariants.signatures",
+    "SignatureConfig": "invariants.signatures",
+    "StreamingScanner": "invariants.signatures",
+    "VectorisedScanner": "invariants.signatures",
+    "metric_series": "invariants.signatures",
+    "read_log": "invariants.signatures",
+    "render_report": "invariants.signatures",
+    "sample_statistics": "invariants.signatures",
+    "scan_file": "invariants.signatures",
+    "scan_records": "invariants.signatures",
+    "scan_series": "invariants.signatures",
+    "verdict_of": "invariants.signatures",
+    "write_plot": "invariants.signatures",
+}
 
 __all__ = [
     "ArgumentLayout",
@@ -304,3 +442,16 @@ __all__ = [
     "write_plot",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    owner = _OWNERS.get(name)
+    if owner is None:
+        raise AttributeError(f"module 'invariants' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(owner), name)
+    globals()[name] = value   # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

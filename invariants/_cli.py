@@ -21,10 +21,12 @@ import time
 from collections import defaultdict
 from typing import Sequence
 
-from invariants._catalog import Outcome, load_catalog, run_cases
-from invariants._determinism import set_num_threads
+from typing import TYPE_CHECKING
 from invariants._errors import InvalidArgumentError
 from invariants._profiles import load_profile
+
+if TYPE_CHECKING:   # the check's machinery (torch) is imported when `check` runs, not for `scan`
+    from invariants._catalog import Outcome
 from invariants._validate import require
 
 _SUBCOMMANDS: tuple[str, ...] = ("invariants.signatures.cli", "invariants.golden.cli")
@@ -87,6 +89,8 @@ def _jobs(jobs: int | None, threads: int, n_cases: int) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from invariants._catalog import load_catalog, run_cases
+    from invariants._determinism import set_num_threads
     profile = load_profile()
     set_num_threads(args.threads)
     _jobs(args.jobs, args.threads, 0)  # a bad --jobs is refused before anything is loaded
@@ -125,7 +129,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAIL
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; ``only``: register just that subcommand module (its imports
+    are what that command needs: `invariants scan` never imports torch)."""
     parser = _Parser(prog="invariants",
                      description="Property-based invariants for training-stability fixes.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -145,12 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     check.set_defaults(func=_cmd_check)
     for name in _SUBCOMMANDS:
-        importlib.import_module(name).register(sub)
+        if only is None or name == only:
+            importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    wanted = {"scan": "invariants.signatures.cli", "golden": "invariants.golden.cli"}
+    parser = build_parser(only=wanted.get(argv[0]) if argv else None)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage errors (2) and --help (0) become return codes

@@ -7,17 +7,27 @@ Each ``require_*`` raises ``InvalidArgumentError("name=value: problem")``; strat
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
-
-import torch
+import sys
+from typing import TYPE_CHECKING, Any, Sequence
 
 from invariants._errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a check needs it, never at import: `invariants scan` (which shares
+# `require`) runs without it. A value can only be a tensor once torch has been imported.
+
+
+def _is_tensor(value: Any) -> bool:
+    torch_mod = sys.modules.get("torch")
+    return torch_mod is not None and isinstance(value, torch_mod.Tensor)
 
 __all__: list[str] = []  # private: the public checks call these
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    if isinstance(value, torch.Tensor):
+    if _is_tensor(value):
         text = f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
     else:
         text = repr(value)
@@ -54,13 +64,14 @@ def require_in_unit_interval(name: str, value: float) -> None:
 
 
 def require_tensor(name: str, value: Any) -> None:
-    require(isinstance(value, torch.Tensor), name, value,
+    require(_is_tensor(value), name, value,
             f"must be a torch.Tensor, got {type(value).__name__}")
 
 
 def require_finite(name: str, tensor: torch.Tensor) -> None:
     """Raise unless every element of ``tensor`` is finite, naming the first bad one."""
     require_tensor(name, tensor)
+    import torch
     if tensor.is_floating_point() or tensor.is_complex():
         bad = ~torch.isfinite(tensor)
         if bool(bad.any()):
@@ -108,6 +119,7 @@ def unravel(flat: int, shape: Sequence[int]) -> tuple[int, ...]:
     """The multi-index of flat position ``flat`` in a row-major tensor of ``shape``."""
     if not shape:
         return ()
+    import torch
     return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(shape)))
 
 
@@ -127,18 +139,17 @@ def require_max_norm(max_norm: Any) -> None:
             "must be a finite number > 0 (the cap on the total gradient norm)")
 
 
-_INT_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
-
-
 def require_scalar_tensor(name: str, value: Any) -> None:
     """Raise unless ``value`` is a real (int or float), one-element tensor that has data.
 
     Reads metadata only (dtype, device, shape), never the value: no host-device sync.
     """
     require_tensor(name, value)
+    import torch
+    ints = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
     require(not value.is_complex(), name, value, "must be real, not a complex tensor")
     require(value.dtype is not torch.bool, name, value, "must be a number, not a bool tensor")
-    require(value.dtype.is_floating_point or value.dtype in _INT_DTYPES, name, value,
+    require(value.dtype.is_floating_point or value.dtype in ints, name, value,
             "must be an int or float tensor")
     require(not value.is_meta, name, value, "is a meta tensor: it has no value to read")
     require(value.numel() == 1, name, value,
@@ -170,7 +181,9 @@ def require_module(name: str, value: Any) -> None:
     function ``x -> output``): a module's *name* (``"q_proj"``) is the usual mistake."""
     hint = " (a module's name, not the module? pass the nn.Module itself)" \
         if isinstance(value, str) else ""
-    require(isinstance(value, torch.nn.Module) or callable(value), name, value,
+    torch_mod = sys.modules.get("torch")   # an nn.Module exists only once torch is imported
+    module = torch_mod is not None and isinstance(value, torch_mod.nn.Module)
+    require(module or callable(value), name, value,
             f"must be an nn.Module or a callable, got {type(value).__name__}{hint}")
 
 

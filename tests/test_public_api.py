@@ -74,3 +74,21 @@ def test_lora_spec_is_the_clear_name_and_lora_config_still_works():
     assert invariants.LoraSpec is invariants.LoraConfig
     spec = invariants.LoraSpec(in_features=4, out_features=3, rank=2, scale=1.0)
     assert spec == invariants.LoraConfig(4, 3, 2, 1.0)
+
+
+def test_lazy_owners_agree_with_the_explicit_imports():
+    """The names load on first use (PEP 562): ``_OWNERS`` (run time) must say what the
+    ``TYPE_CHECKING`` import block (read by people and type checkers) says, name for name,
+    and every name must resolve to the object its owner defines."""
+    import ast
+    import importlib
+    import inspect
+    tree = ast.parse(inspect.getsource(invariants))
+    block = next(n for n in tree.body if isinstance(n, ast.If)
+                 and "TYPE_CHECKING" in ast.unparse(n.test))
+    listed = {(a.name, node.module) for node in block.body if isinstance(node, ast.ImportFrom)
+              for a in node.names}
+    assert listed == set(invariants._OWNERS.items())
+    assert sorted(invariants._OWNERS) == invariants.__all__
+    for name, owner in invariants._OWNERS.items():
+        assert getattr(invariants, name) is getattr(importlib.import_module(owner), name), name

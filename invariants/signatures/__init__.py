@@ -14,15 +14,27 @@ by ``invariants``.  Where each concern lives:
   and plot; ``cli``: the ``invariants scan`` subcommand.
 - ``guard``: ``CollapseGuard`` for live training loops.
 """
+import importlib as _importlib
+from typing import TYPE_CHECKING
+
 from invariants.signatures.config import CANONICAL_METRICS, SIGNATURES, SignatureConfig
 from invariants.signatures.detectors.samples import SampleStatistics, sample_statistics
 from invariants.signatures.drivers import (StreamingScanner, VectorisedScanner, build_detectors,
                                            scan_records, scan_series)
 from invariants.signatures.findings import Finding, verdict_of
-from invariants.signatures.guard import CollapseDetected, CollapseGuard, CollapseWarning
 from invariants.signatures.logs import LogData, read_log, scan_file
 from invariants.signatures.report import render_report, write_plot
-from invariants.signatures.strategies import metric_series
+
+if TYPE_CHECKING:
+    from invariants.signatures.guard import CollapseDetected, CollapseGuard, CollapseWarning
+    from invariants.signatures.strategies import metric_series
+
+# loaded on first use (PEP 562): the guard needs torch and the strategies Hypothesis; the
+# scan path (`invariants scan`, ``scan_series``) needs neither
+_LAZY = {"CollapseDetected": "invariants.signatures.guard",
+         "CollapseGuard": "invariants.signatures.guard",
+         "CollapseWarning": "invariants.signatures.guard",
+         "metric_series": "invariants.signatures.strategies"}
 
 __all__ = [
     "CANONICAL_METRICS",
@@ -47,3 +59,16 @@ __all__ = [
     "verdict_of",
     "write_plot",
 ]
+
+
+def __getattr__(name: str):
+    owner = _LAZY.get(name)
+    if owner is None:
+        raise AttributeError(f"module 'invariants.signatures' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(owner), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
