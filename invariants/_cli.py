@@ -4,7 +4,7 @@
 forked worker processes (``--jobs``, ``_catalog.run_cases``; the output does not depend on
 how many), and prints the elapsed time of the run in its last line. Other
 subcommands (``scan``, ``golden``) register themselves through ``_SUBCOMMANDS``:
-each entry is a module exposing ``register(subparsers)`` that sets
+each entry maps the command to a module exposing ``register(subparsers)`` that sets
 ``func=handler(args) -> exit code`` on its parser.
 
 Exit codes: 0 success, 1 a verdict failed (a fixed case violated, a broken case
@@ -19,17 +19,19 @@ import os
 import sys
 import time
 from collections import defaultdict
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from typing import TYPE_CHECKING
 from invariants._errors import InvalidArgumentError
 from invariants._profiles import load_profile
+from invariants._validate import require
 
 if TYPE_CHECKING:   # the check's machinery (torch) is imported when `check` runs, not for `scan`
     from invariants._catalog import Outcome
-from invariants._validate import require
 
-_SUBCOMMANDS: tuple[str, ...] = ("invariants.signatures.cli", "invariants.golden.cli")
+# subcommand -> the module that registers it; only the one asked for is imported
+# (`invariants scan` never imports torch: tests/test_scan_sources.py)
+_SUBCOMMANDS: dict[str, str] = {"scan": "invariants.signatures.cli",
+                                "golden": "invariants.golden.cli"}
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
@@ -130,8 +132,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The whole command line; ``only``: register just that subcommand module (its imports
-    are what that command needs: `invariants scan` never imports torch)."""
+    """The whole command line; ``only``: register just that subcommand (a key of
+    ``_SUBCOMMANDS``), so the imports are what that command needs."""
     parser = _Parser(prog="invariants",
                      description="Property-based invariants for training-stability fixes.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -150,16 +152,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                             "output order do not depend on it")
     check.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     check.set_defaults(func=_cmd_check)
-    for name in _SUBCOMMANDS:
-        if only is None or name == only:
-            importlib.import_module(name).register(sub)
+    for command, module in _SUBCOMMANDS.items():
+        if only is None or command == only:
+            importlib.import_module(module).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    wanted = {"scan": "invariants.signatures.cli", "golden": "invariants.golden.cli"}
-    parser = build_parser(only=wanted.get(argv[0]) if argv else None)
+    parser = build_parser(only=argv[0] if argv and argv[0] in _SUBCOMMANDS else None)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage errors (2) and --help (0) become return codes

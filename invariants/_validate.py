@@ -15,6 +15,8 @@ from invariants._errors import InvalidArgumentError
 if TYPE_CHECKING:
     import torch
 
+__all__: list[str] = []  # private: the public checks call these
+
 # torch is imported where a check needs it, never at import: `invariants scan` (which shares
 # `require`) runs without it. A value can only be a tensor once torch has been imported.
 
@@ -22,8 +24,6 @@ if TYPE_CHECKING:
 def _is_tensor(value: Any) -> bool:
     torch_mod = sys.modules.get("torch")
     return torch_mod is not None and isinstance(value, torch_mod.Tensor)
-
-__all__: list[str] = []  # private: the public checks call these
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -252,7 +252,8 @@ def test_hf_callback(tmp_path, caplog, overrides, fault, mode, stop, expected):
 
 
 # ------------------------------------------------------------------ Lightning Trainer
-PL_STEPS = 32
+PL_STEPS = HF_STEPS  # as long as the HF run: a finite blow-up must have time to persist
+assert PL_STEPS % 4 == 0, "validation runs every 4 steps (one epoch)"
 # id, module options, guard options, expected stop window, expected (signature, metric).
 # Batches of 64 from 256 points: 4 optimizer steps an epoch, validation after each epoch.
 PL_CASES = [

@@ -16,7 +16,7 @@ these runs show, measured here: a rise is a ``divergence`` *warning* when the le
 of 9) first carries it and *critical* only once it has held for 20 points at a point >= 20.
 Under it the stored broken collapses had to persist and the fixed runs stay silent, so four
 pairs were redesigned (issue 14, docs/golden.md): hyperlora runs 800 steps (its collapse was
-a warning in the last 8 of 40 points), curriculum_lm-fixed ramps its stage-2 data in (the
+a warning in the last 4 of 40 points), curriculum_lm-fixed ramps its stage-2 data in (the
 abrupt switch was a recovered warning at step 95), lora_init-broken's critical finding is its
 entropy spike (its 13-point val_loss jump is a warning), and evolving_context logs 48 points
 of 25 steps over 1400 steps instead of 10 of 100 (no statistics in 10 points).

@@ -15,7 +15,7 @@ by ``invariants``.  Where each concern lives:
 - ``guard``: ``CollapseGuard`` for live training loops.
 """
 import importlib as _importlib
-from typing import TYPE_CHECKING
+import typing as _typing
 
 from invariants.signatures.config import CANONICAL_METRICS, SIGNATURES, SignatureConfig
 from invariants.signatures.detectors.samples import SampleStatistics, sample_statistics
@@ -25,12 +25,13 @@ from invariants.signatures.findings import Finding, verdict_of
 from invariants.signatures.logs import LogData, read_log, scan_file
 from invariants.signatures.report import render_report, write_plot
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from invariants.signatures.guard import CollapseDetected, CollapseGuard, CollapseWarning
     from invariants.signatures.strategies import metric_series
 
-# loaded on first use (PEP 562): the guard needs torch and the strategies Hypothesis; the
-# scan path (`invariants scan`, ``scan_series``) needs neither
+# loaded on first use (PEP 562): the guard needs torch, the strategies Hypothesis's
+# strategy machinery; the scan path (`invariants scan`, ``scan_series``) uses neither (it
+# does import Hypothesis itself: `import invariants` registers the test profiles)
 _LAZY = {"CollapseDetected": "invariants.signatures.guard",
          "CollapseGuard": "invariants.signatures.guard",
          "CollapseWarning": "invariants.signatures.guard",

@@ -22,7 +22,7 @@ GOLDEN_SEED = 3
 
 # world size 2 (golden_common): measured max relative deviation, fixed run before step 400, in
 # the comments (torch 2.13.0+cpu, gloo, 2 ranks); the broken run logs no point before its
-# horizon (the first logged point, step 200, is the mean over steps 101-200)
+# horizon (the first logged point, step 225, is the mean over steps 201-225)
 DISTRIBUTED_TOLERANCES: dict[str, GoldenTolerance] = {
     "loss": rel(3e-7),                   # 7.29e-8 (step 300)
     "grad_norm": rel(8e-7),              # 1.95e-7 (step 300)
