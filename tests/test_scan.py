@@ -135,7 +135,7 @@ def test_human_report(tmp_path, capsys, rlan_json):
     lines = out.splitlines()
     assert code == 1
     assert lines[1].startswith("metrics: accuracy (51), attention_sharpness (51)")
-    # the loss's rise from epoch 41 is a divergence warning (6 more epochs in this log, under
+    # the loss rise is a divergence warning from epoch 45 (16 more epochs in this log, under
     # the 20 points a critical divergence must hold); the norm runaway and the NaN batches
     # are the collapse at epoch 41 (ties sort by name)
     assert lines[2] == "COLLAPSE: 4 critical, 4 warning(s)"
