@@ -301,72 +301,59 @@ def test_native_reader_reads_multi_chunk_columns_with_gaps_like_the_slow_path(tm
     _assert_same_columns(fast, slow)
 
 
-_NO_PANDAS = r"""
+# an import hook that records where ``module`` (argv[1]) is first asked for, then ``body``
+_WATCH = r"""
 import importlib.abc, sys, traceback
-asked = []
+module, paths, asked = sys.argv[1], sys.argv[2:], []
 class Watch(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name == "pandas" and not asked:   # where the first attempt came from
-            ours = [f for f in traceback.extract_stack() if not f.filename.startswith("<")]
-            asked.append(" <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
-                                     for f in reversed(ours[-3:])))
-        return None
-sys.meta_path.insert(0, Watch())
-from invariants.signatures.logs import scan_file
-for p in sys.argv[1:]:
-    data, found = scan_file(p)
-    assert data.records == 3000, (p, data.records)
-print(asked)
-"""
-
-
-_NO_TORCH = r"""
-import importlib.abc, sys, traceback
-asked = []
-class Watch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name == "torch" and not asked:   # where the first attempt came from
+        if name == module and not asked:   # where the first attempt came from
             ours = [f for f in traceback.extract_stack() if not f.filename.startswith("<")]
             asked.append(" <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
                                      for f in reversed(ours[-4:])))
         return None
 sys.meta_path.insert(0, Watch())
-from invariants._cli import main   # the console script's entry point
-codes = [main(["scan", p, "--json"]) for p in sys.argv[1:]]
-import invariants                  # the package's public names resolve without torch too
-assert invariants.SignatureConfig and invariants.scan_series and invariants.verdict_of
-print(codes, asked, file=sys.stderr)
 """
+
+
+def _first_import_of(module: str, body: str, tmp_path, n: int) -> str:
+    """Run ``body`` over a sparse JSONL and a CSV log of ``n`` records in a fresh interpreter
+    under the hook; its last stdout line (``body`` prints what it checks and ``asked``)."""
+    jl, csv = tmp_path / "log.jsonl", tmp_path / "log.csv"
+    jl.write_text("".join(json.dumps({"step": s, "loss": 1 / (s + 1), "sample": "ab c"}
+                                     if s % 100 == 0 else {"step": s, "loss": 1 / (s + 1)}) + "\n"
+                          for s in range(n)))
+    csv.write_text("step,loss,val_loss\n" + "".join(
+        f"{s},{1 / (s + 1)},{'' if s % 10 else 2.0}\n" for s in range(n)))
+    out = subprocess.run([sys.executable, "-c", _WATCH + body, module, str(jl), str(csv)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
 
 
 def test_the_scan_command_never_imports_torch(tmp_path):
     """`invariants scan` needs numpy and pyarrow, not torch: importing torch was 1.3 s of a
     2.9 s scan of 10^6 records. The package's names load on first use (PEP 562), the scan
     path never touches a torch-backed one; watched with an import hook."""
-    jl, csv = tmp_path / "log.jsonl", tmp_path / "log.csv"
-    jl.write_text("".join(json.dumps({"step": s, "loss": 1 / (s + 1), "sample": "ab c"}
-                                     if s % 100 == 0 else {"step": s, "loss": 1 / (s + 1)}) + "\n"
-                          for s in range(300)))
-    csv.write_text("step,loss,val_loss\n" + "".join(
-        f"{s},{1 / (s + 1)},{'' if s % 10 else 2.0}\n" for s in range(300)))
-    out = subprocess.run([sys.executable, "-c", _NO_TORCH, str(jl), str(csv)],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    assert out.stderr.strip().splitlines()[-1] == "[0, 0] []", \
-        f"the scan command imported torch (codes, first import site): {out.stderr[-2000:]}"
+    body = (
+        "from invariants._cli import main   # the console script's entry point\n"
+        "codes = [main(['scan', p, '--json']) for p in paths]\n"
+        "import invariants                  # the public names resolve without torch too\n"
+        "assert invariants.SignatureConfig and invariants.scan_series and invariants.verdict_of\n"
+        "print(codes, asked)\n")
+    got = _first_import_of("torch", body, tmp_path, 300)
+    assert got == "[0, 0] []", f"the scan command imported torch (codes, first import site): {got}"
 
 
 def test_scanning_a_log_never_imports_pandas(tmp_path):
     """pyarrow's ``to_numpy`` imports pandas whenever it is installed (0.2 s and 40 MB of
     every scan); the readers take their columns from the Arrow buffers instead. Watched
     with an import hook, so it holds whether or not pandas is installed here."""
-    jl, csv = tmp_path / "log.jsonl", tmp_path / "log.csv"
-    jl.write_text("".join(json.dumps({"step": s, "loss": 1 / (s + 1), "sample": "ab c"}
-                                     if s % 100 == 0 else {"step": s, "loss": 1 / (s + 1)}) + "\n"
-                          for s in range(3000)))
-    csv.write_text("step,loss,val_loss\n" + "".join(
-        f"{s},{1 / (s + 1)},{'' if s % 10 else 2.0}\n" for s in range(3000)))
-    out = subprocess.run([sys.executable, "-c", _NO_PANDAS, str(jl), str(csv)],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]", f"scanning imported pandas, first from {out.stdout}"
+    body = (
+        "from invariants.signatures.logs import scan_file\n"
+        "for p in paths:\n"
+        "    data, found = scan_file(p)\n"
+        "    assert data.records == 3000, (p, data.records)\n"
+        "print(asked)\n")
+    got = _first_import_of("pandas", body, tmp_path, 3000)
+    assert got == "[]", f"scanning imported pandas, first from {got}"

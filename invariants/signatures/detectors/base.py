@@ -13,7 +13,7 @@ from typing import Mapping
 import numpy as np
 
 from invariants.signatures.config import SignatureConfig
-from invariants.signatures.findings import Finding, _step_out
+from invariants.signatures.findings import Finding, _g, _step_out
 
 
 # --------------------------------------------------------------------------- series views
@@ -82,6 +82,15 @@ class Detector:
                        None if threshold is None else float(threshold), message,
                        None if started is None else _step_out(started),
                        None if recovered is None else _step_out(recovered))
+
+    def episode(self, severity: str, step: float, value: float | None,
+                threshold: float | None, message: str, started: float,
+                recovered: float | None) -> Finding:
+        """A finding about an episode (a spike, a rise) that may come back: the message ends
+        with when it recovered, or "not recovered" (the JSON form has no key for it)."""
+        end = f"recovered at step {_g(recovered)}" if recovered is not None else "not recovered"
+        return self.finding(severity, step, value, threshold, f"{message}; {end}",
+                            started=started, recovered=recovered)
 
     def scan(self, view: _View, ctx: _Context) -> list[Finding]:  # pragma: no cover
         raise NotImplementedError

@@ -69,16 +69,14 @@ class GradNormSpike(Detector):
     def _f(self, step, g, thr, mu, sd, med, nu, top, rec):
         c = self.cfg
         local = med + c.noise_k * nu * abs(med)
-        return self.finding("warning", step, g, max(thr, local),
+        return self.episode("warning", step, g, max(thr, local),
                             f"{self.metric}={_g(g)} > {_g(thr)}: beyond the ZClip z-score "
                             f"(EMA mean {_g(mu)} + {_g(c.zclip_z)} sigma {_g(sd)}, "
                             f"alpha={_g(c.zclip_alpha)}), the recent spread (level + "
                             f"{_g(c.spike_k)} x (max of the previous {c.spike_window} points "
                             f"{_g(top)} - level)) and {_g(local)}, the median {_g(med)} of the "
                             f"previous {c.zclip_local_points} points plus {_g(c.noise_k)} x "
-                            f"their relative noise {_g(nu)}; "
-                            + (f"recovered at step {_g(rec)}" if rec is not None
-                               else "not recovered"), started=step, recovered=rec)
+                            f"their relative noise {_g(nu)}", step, rec)
 
     def _local(self, x: np.ndarray, nu: np.ndarray, p: np.ndarray) -> np.ndarray:
         """For candidate indices ``p`` (increasing): (medians, tops, spread thresholds, levels,

@@ -69,13 +69,11 @@ class LossSpike(Detector):
     signature = "loss_spike"
 
     def _f(self, step, x, thr, level, top, rec):
-        return self.finding("warning", step, x, thr,
+        return self.episode("warning", step, x, thr,
                             f"{self.metric}={_g(x)} > {_g(thr)}: level (median of the last "
                             f"{self.cfg.level_window}) {_g(level)} + {_g(self.cfg.spike_k)} x "
                             f"the recent spread (max of the previous {self.cfg.spike_window} "
-                            f"points {_g(top)}); "
-                            + (f"recovered at step {_g(rec)}" if rec is not None
-                               else "not recovered"), started=step, recovered=rec)
+                            f"points {_g(top)})", step, rec)
 
     def scan(self, view, ctx):
         c = self.cfg
@@ -160,11 +158,9 @@ class LossJump(Detector):
 
     def _f(self, step, x, level, rec):
         r = self.cfg.jump_ratio
-        return self.finding("warning", step, x, r * level,
+        return self.episode("warning", step, x, r * level,
                             f"{self.metric} jumped to {_g(x)}, more than {_g(r)}x its level "
-                            f"{_g(level)} (median of the previous points); "
-                            + (f"recovered at step {_g(rec)}" if rec is not None
-                               else "not recovered"), started=step, recovered=rec)
+                            f"{_g(level)} (median of the previous points)", step, rec)
 
     def scan(self, view, ctx):
         c = self.cfg
@@ -251,14 +247,12 @@ class Divergence(Detector):
         why = (f"; held for {c.divergence_persist} points" if sev == "critical" else
                f"; critical if it holds for {c.divergence_persist} points (from point "
                f"{c.warmup_points} on)")
-        return self.finding(sev, step, s, ref * (1.0 + c.divergence_drift),
+        return self.episode(sev, step, s, ref * (1.0 + c.divergence_drift),
                             f"{self.metric} rose after improving: level (median of the last "
                             f"{c.level_window}) {_g(s)} vs best {_g(ref)} since step "
                             f"{_g(start)}, {_g((s - ref) / sd)} noise units (sd {_g(sd)}); CUSUM "
                             f"over drift k={_g(c.divergence_k)} reached {_g(S)} > "
-                            f"h={_g(c.divergence_h)}{why}; "
-                            + (f"recovered at step {_g(rec)}" if rec is not None
-                               else "not recovered"), started=start, recovered=rec)
+                            f"h={_g(c.divergence_h)}{why}", start, rec)
 
     def scan(self, view, ctx):
         c = self.cfg
