@@ -118,16 +118,22 @@ def test_phase1_validation_stuck_at_2_5():
     assert scan_records(flat) == []
 
 
-@pytest.mark.parametrize("val, step", [
-    ([2.5, 2.4, 2.3, 2.4, 2.6, 2.9, 3.0], 6),   # rises 26% above its best 2.3 -> flagged at 2.9
-    ([2.5, 2.4, 2.3, 2.4, 2.6, 2.7, 2.6], None),  # +17%: within overfit_rise (20%)
-    ([7.17, 7.0, 6.9], None),                   # the first logged step is never judged
-], ids=["rising", "within-rise", "first-step"])
-def test_overfit_gap_needs_a_growing_gap_on_comparable_points(val, step):
+@pytest.mark.parametrize("val, step, persist", [
+    # rises >= 20% above its best 2.3 on 3 val points in a row (2.8, 2.9, 3.0) -> flagged at 3.0
+    ([2.5, 2.4, 2.3, 2.4, 2.6, 2.8, 2.9, 3.0], 8, 3),
+    ([2.5, 2.4, 2.3, 2.4, 2.6, 2.9, 3.0], None, 3),   # two points above: one short of persist
+    ([2.5, 2.4, 2.3, 2.4, 2.6, 2.9, 3.0], 6, 1),      # judged point by point: flagged at 2.9
+    ([2.5, 2.4, 2.3, 2.9, 2.3, 2.9, 2.3, 2.9, 2.3], None, 3),  # a noisy val set: swings, no rise
+    ([2.5, 2.4, 2.3, 2.4, 2.6, 2.7, 2.7, 2.6], None, 1),  # +17%: within overfit_rise (20%)
+    ([7.17, 7.0, 6.9], None, 1),                   # the first logged step is never judged
+], ids=["rising", "rising-too-briefly", "persist-1", "swinging", "within-rise", "first-step"])
+def test_overfit_gap_needs_a_growing_gap_on_comparable_points(val, step, persist):
     train = [6.44] + _TRAIN_END[1:len(val)] if val[0] == 7.17 else _TRAIN_END[:len(val)]
     records = [(e, {"loss": t, "val_loss": v}) for e, (t, v) in enumerate(zip(train, val), 1)]
-    found = _by(_agree_records(records), "overfit_gap")
+    found = _by(_agree_records(records, SignatureConfig(overfit_persist=persist)), "overfit_gap")
     assert [f.step for f in found] == ([] if step is None else [step]), found
+    if step is not None and persist > 1:
+        assert f"on {persist} consecutive val points" in found[0].message, found[0].message
 
 
 def test_phase1_samples_mode_collapse_and_token_soup():

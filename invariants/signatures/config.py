@@ -112,6 +112,11 @@ class SignatureConfig:
     overfit_ratio: float = 0.1
     overfit_rise: float = 0.2
     overfit_min_train: int = 2
+    # ... on `overfit_persist` consecutive val points (ours; one evaluation of a small val
+    # set swings by its own noise). Chosen on the tuning half: 1 warned on 3 healthy runs,
+    # 2 on none of them and 3-5 also on one broken run fewer before its onset; the smallest
+    # of the best: 3 (docs/signatures.md)
+    overfit_persist: int = 3
     # LoRA norm ladder (seed 000: warn 1.0 / critical 1.5 / kill 2.0)
     lora_norm_warn: float = 1.0
     lora_norm_critical: float = 1.5
@@ -155,7 +160,7 @@ class SignatureConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise InvalidArgumentError(f"{f.name}={v!r}: must be a finite number")
             if f.name in ("spike_window", "spike_min_periods", "zclip_warmup", "smooth_window",
-                          "warmup_points", "level_window", "overfit_min_train",
+                          "warmup_points", "level_window", "overfit_min_train", "overfit_persist",
                           "divergence_persist",
                           "noise_min_pairs", "zclip_local_points",
                           "plateau_patience", "mode_collapse_min_units", "repetition_run",

@@ -26,6 +26,11 @@ class OverfitGap(Detector):
     low), the overfitting the seeds describe; a constant gap on a flat validation loss is
     a plateau (``Plateau``) or the model's capacity, not a change.  ``overfit_rise=0``
     gives SageMaker's plain ratio rule on comparable points.
+
+    Both conditions must hold on ``overfit_persist`` consecutive val points (reported at
+    the last of them): one evaluation of a small held-out set swings by its own noise
+    (±15 % on the corpus's CNN runs), a val loss that has really turned keeps rising.
+    ``overfit_persist=1`` judges each point alone.
     """
 
     signature = "overfit_gap"
@@ -33,11 +38,14 @@ class OverfitGap(Detector):
 
     def _f(self, step, val, train, best):
         c = self.cfg
+        held = (f" on {c.overfit_persist} consecutive val points" if c.overfit_persist > 1
+                else "")
         return self.finding("warning", step, val, train * (1.0 + c.overfit_ratio),
                             f"{self.metric}={_g(val)} exceeds train loss {_g(train)} by "
                             f"{_g(100 * (val - train) / train)}% > {_g(100 * c.overfit_ratio)}% "
                             f"(SageMaker Overfit) and rose from its best {_g(best)} by "
-                            f"{_g(100 * (val - best) / best)}% >= {_g(100 * c.overfit_rise)}%")
+                            f"{_g(100 * (val - best) / best)}% >= {_g(100 * c.overfit_rise)}%"
+                            f"{held}")
 
     def scan(self, view, ctx):
         c = self.cfg
@@ -48,7 +56,10 @@ class OverfitGap(Detector):
         ok &= (train > 0.0) & (cnt >= c.overfit_min_train) & (best > 0.0) & np.isfinite(best)
         with np.errstate(divide="ignore", invalid="ignore"):
             gap = (x - train) / train
-        j = _first(ok & (gap > c.overfit_ratio) & (x >= (1.0 + c.overfit_rise) * best))
+        hit = ok & (gap > c.overfit_ratio) & (x >= (1.0 + c.overfit_rise) * best)
+        idx = np.arange(len(x))
+        run = idx - np.maximum.accumulate(np.where(hit, -1, idx))  # consecutive hits so far
+        j = _first(run >= c.overfit_persist)
         return [self._f(view.step[j], x[j], train[j], best[j])] if j >= 0 else []
 
     def stream(self):
@@ -56,14 +67,16 @@ class OverfitGap(Detector):
 
 
 class _OverfitState(_State):
-    __slots__ = ("det", "r", "rise", "minp", "best")
+    __slots__ = ("det", "r", "rise", "minp", "persist", "best", "run")
 
     def __init__(self, det):
         self.det = det
         self.r = det.cfg.overfit_ratio
         self.rise = det.cfg.overfit_rise
         self.minp = det.cfg.overfit_min_train
+        self.persist = det.cfg.overfit_persist
         self.best = math.inf
+        self.run = 0
         self.done = False
 
     def push(self, step, x, last):
@@ -74,6 +87,10 @@ class _OverfitState(_State):
         if train is not None and train > 0.0 and last.get(LOSS_COUNT, 0) >= self.minp \
                 and 0.0 < best < math.inf and (x - train) / train > self.r \
                 and x >= (1.0 + self.rise) * best:
-            self.done = True
-            return [self.det._f(step, x, train, best)]
+            self.run += 1
+            if self.run >= self.persist:
+                self.done = True
+                return [self.det._f(step, x, train, best)]
+        else:
+            self.run = 0
         return None
