@@ -41,14 +41,14 @@ def test_corpus_covers_the_issue():
 
 
 def test_halves_split_by_seed_and_balanced():
-    """Seeds 0-131 (round 1's corpus, inspected while choosing defaults) tune; seeds 132-263
-    (a second draw of the same design) are held out.  No seed and no run in both."""
+    """Seeds 0-263 (draws 1-2, inspected while choosing defaults) tune; seeds 264-527 (draws
+    3-4 of the same design) are held out.  No seed and no run in both."""
     seeds = {h: {s.seed for s in SPECS if s.half == h} for h in ("tune", "test")}
-    assert seeds["tune"] == set(range(132)) and seeds["test"] == set(range(132, 264))
+    assert seeds["tune"] == set(range(264)) and seeds["test"] == set(range(264, 528))
     for half in ("tune", "test"):
         part = [s for s in SPECS if s.half == half]
         n_h = sum(s.healthy for s in part)
-        assert n_h == 66 and len(part) - n_h == 66, (half, n_h, len(part))
+        assert n_h == 132 and len(part) - n_h == 132, (half, n_h, len(part))
     tune = {dataclasses.replace(s, name="", seed=0) for s in SPECS if s.half == "tune"}
     test = [dataclasses.replace(s, name="", seed=0) for s in SPECS if s.half == "test"]
     assert sum(t in tune for t in test) == 0, "the held-out draw repeats a tuning run's spec"

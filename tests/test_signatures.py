@@ -220,8 +220,8 @@ def test_loss_spike_k_sigma_on_a_long_noisy_log():
     x = 1.0 + 0.01 * rng.standard_normal(3000)
     x[2500] = 1.5  # 50 sigma, below the 2x ratio rule
     f = _one(scan_series({"loss": (np.arange(3000), x)}), "loss_spike")
-    # level 1.0 + 3 x max(recent spread 0.03, floor 10% of the level) = 1.3
-    assert f.step == 2500 and f.threshold == pytest.approx(1.3, abs=0.01)
+    # level 1.0 + spike_k 4 x max(recent spread 0.03, floor 10% of the level) = 1.4
+    assert f.step == 2500 and f.threshold == pytest.approx(1.4, abs=0.01)
     assert f.severity == "warning" and f.recovered_step == 2501 and f.started_step == 2500
 
 
