@@ -196,7 +196,20 @@ def test_row_counts_what_the_contract_says():
     r = score.row("x", results)
     assert r == {"name": "x", "healthy_runs": 3, "false_critical": 1, "false_any": 2,
                  "broken_runs": 3, "recall": round(2 / 3, 4), "median_delay": 3.0,
-                 "recall_critical": round(1 / 3, 4), "early": 2}
+                 "recall_critical": round(1 / 3, 4), "early": 2,
+                 "false_any_ci95": score.wilson(2, 3), "recall_ci95": score.wilson(2, 3)}
+
+
+@pytest.mark.parametrize("k, n, lo, hi", [
+    (12, 132, 0.0528, 0.1522),   # the held-out half's warned healthy runs, round 5
+    (0, 132, 0.0, 0.0283),       # none of 132: the rate is still only known to be < 2.8 %
+    (132, 132, 0.9717, 1.0),
+    (1, 2, 0.0945, 0.9055),
+])
+def test_wilson_interval(k, n, lo, hi):
+    """Wilson 95 % score interval: p~ +- z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n)."""
+    assert score.wilson(k, n) == pytest.approx([lo, hi], abs=1e-4)
+    assert score.wilson(0, 0) is None
 
 
 def test_bench_detection_writes_the_contract(tmp_path, monkeypatch, capsys):

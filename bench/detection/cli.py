@@ -14,7 +14,11 @@ from pathlib import Path
 from bench.detection import corpus, score
 
 _COLS = ("name", "healthy_runs", "false_critical", "false_any", "broken_runs", "recall",
-         "median_delay", "recall_critical", "early")
+         "median_delay", "recall_critical", "early", "false_any_ci95", "recall_ci95")
+
+
+def _cell(v) -> str:
+    return f"{v[0]:.3f}-{v[1]:.3f}" if isinstance(v, list) else str(v)
 
 
 def main(argv=None) -> int:
@@ -37,7 +41,7 @@ def main(argv=None) -> int:
           f"generate); scored on the {args.half} half")
     print("  ".join(f"{c:>{max(len(c), 8)}}" if i else f"{c:<28}" for i, c in enumerate(_COLS)))
     for r in table:
-        print("  ".join(f"{str(r[c]):>{max(len(c), 8)}}" if i else f"{r[c]:<28}"
+        print("  ".join(f"{_cell(r[c]):>{max(len(c), 8)}}" if i else f"{r[c]:<28}"
                         for i, c in enumerate(_COLS)))
     if args.json:
         specs = [s for s in corpus.specs() if s.half == args.half]

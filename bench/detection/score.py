@@ -10,9 +10,12 @@
   logged points from the onset to the first alarm at or after it (``median_delay`` over
   the detected runs).  ``recall_critical`` counts only critical alarms; ``early`` counts
   broken runs with an alarm before the onset (a false alarm on the healthy part).
+- ``false_any_ci95`` and ``recall_ci95``: Wilson 95 % intervals of the two rates, so a
+  reader sees what a half of 132 runs can resolve (12 of 132 warned: 5.3-15.2 %).
 """
 from __future__ import annotations
 
+import math
 import statistics
 
 import numpy as np
@@ -42,6 +45,18 @@ def onset_index(spec: corpus.RunSpec, log) -> int | None:
     return max(int(np.searchsorted(log["loss"][0], spec.onset, side="right")) - 1, 0)
 
 
+def wilson(k: int, n: int, z: float = 1.959964) -> list[float] | None:
+    """The Wilson score interval of k successes in n trials (95 % by default), rounded to 4
+    places; None for n = 0."""
+    if n == 0:
+        return None
+    p = k / n
+    d = 1.0 + z * z / n
+    mid = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n)) / d
+    return [round(max(0.0, mid - half), 4), round(min(1.0, mid + half), 4)]
+
+
 def row(name: str, results: list[tuple[corpus.RunSpec, int | None, list]]) -> dict:
     """One table row from ``(spec, onset index, alarms)`` triples."""
     healthy = [(s, a) for s, o, a in results if s.healthy]
@@ -56,12 +71,15 @@ def row(name: str, results: list[tuple[corpus.RunSpec, int | None, list]]) -> di
         if any(sev == "critical" for _, sev in after):
             crit += 1
     n_b = len(broken)
+    false_any = sum(bool(a) for _, a in healthy)
     return {"name": name, "healthy_runs": len(healthy),
             "false_critical": sum(any(sev == "critical" for _, sev, *_ in a) for _, a in healthy),
-            "false_any": sum(bool(a) for _, a in healthy),
+            "false_any": false_any,
             "broken_runs": n_b, "recall": round(len(delays) / n_b, 4) if n_b else None,
             "median_delay": statistics.median(delays) if delays else None,
-            "recall_critical": round(crit / n_b, 4) if n_b else None, "early": early}
+            "recall_critical": round(crit / n_b, 4) if n_b else None, "early": early,
+            "false_any_ci95": wilson(false_any, len(healthy)),
+            "recall_ci95": wilson(len(delays), n_b)}
 
 
 def evaluate(logs: dict, half: str, config: SignatureConfig | None = None,
