@@ -100,7 +100,8 @@ def _draw(rng_seed: int, first: int, n_healthy: int, n_broken: int) -> list[RunS
     for i in range(n_healthy + n_broken):
         healthy = i < n_healthy
         seed = first + i
-        # consecutive seeds (one even, one odd) share a cause: both halves get every cause
+        # consecutive seeds share a cause and the causes cycle through a draw: every draw,
+        # so each half, holds every cause
         cause = None if healthy else CAUSES[((i - n_healthy) // 2) % len(CAUSES)]
         kind = KINDS[int(rng.integers(len(KINDS)))]
         if cause == "no_clip":
