@@ -46,4 +46,12 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        rc = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (`| head`): no traceback, no more output
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("python -m bench: stdout closed before the table was complete", file=sys.stderr)
+        rc = 1
+    sys.exit(rc)
