@@ -56,6 +56,12 @@ class _Context:
         return np.searchsorted(v.pos, pos, side="right")
 
 
+def _run_lengths(hit: np.ndarray) -> np.ndarray:
+    """For each index, how many consecutive ``hit`` points end there (0 where not hit)."""
+    idx = np.arange(len(hit))
+    return idx - np.maximum.accumulate(np.where(hit, -1, idx))
+
+
 def _first(mask: np.ndarray) -> int:
     """Index of the first True, or -1."""
     if mask.size == 0:

@@ -20,8 +20,8 @@ import math
 import numpy as np
 
 from invariants.signatures.detectors.base import (Detector, _first, _median_low, _MedianState,
-                                                  _noise, _NoiseState, _prev_max, _SlidingMax,
-                                                  _State)
+                                                  _noise, _NoiseState, _prev_max, _run_lengths,
+                                                  _SlidingMax, _State)
 from invariants.signatures.findings import Finding, _g
 
 
@@ -285,7 +285,7 @@ class Divergence(Detector):
         hit = (S > c.divergence_h) & (rel > c.divergence_drift)
         if not hit.any():
             return []
-        run = idx - np.maximum.accumulate(np.where(hit, -1, idx))  # consecutive hits so far
+        run = _run_lengths(hit)
         out = []
         zero = np.flatnonzero(S <= 0.0)
         for sev, mask in (("warning", hit),

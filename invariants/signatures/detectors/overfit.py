@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from invariants.signatures.config import LOSS_COUNT, SMOOTHED_LOSS
-from invariants.signatures.detectors.base import Detector, _first, _State
+from invariants.signatures.detectors.base import Detector, _first, _run_lengths, _State
 from invariants.signatures.findings import _g
 
 
@@ -57,9 +57,7 @@ class OverfitGap(Detector):
         with np.errstate(divide="ignore", invalid="ignore"):
             gap = (x - train) / train
         hit = ok & (gap > c.overfit_ratio) & (x >= (1.0 + c.overfit_rise) * best)
-        idx = np.arange(len(x))
-        run = idx - np.maximum.accumulate(np.where(hit, -1, idx))  # consecutive hits so far
-        j = _first(run >= c.overfit_persist)
+        j = _first(_run_lengths(hit) >= c.overfit_persist)
         return [self._f(view.step[j], x[j], train[j], best[j])] if j >= 0 else []
 
     def stream(self):
