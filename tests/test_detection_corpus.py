@@ -41,14 +41,14 @@ def test_corpus_covers_the_issue():
 
 
 def test_halves_split_by_seed_and_balanced():
-    """Seeds 0-263 (draws 1-2, inspected while choosing defaults) tune; seeds 264-527 (draws
-    3-4 of the same design) are held out.  No seed and no run in both."""
+    """Seeds 0-527 (draws 1-4, inspected while choosing defaults) tune; seeds 528-791 (draws
+    5-6 of the same design) are held out.  No seed and no run in both."""
     seeds = {h: {s.seed for s in SPECS if s.half == h} for h in ("tune", "test")}
-    assert seeds["tune"] == set(range(264)) and seeds["test"] == set(range(264, 528))
-    for half in ("tune", "test"):
+    assert seeds["tune"] == set(range(528)) and seeds["test"] == set(range(528, 792))
+    for half, size in (("tune", 264), ("test", 132)):
         part = [s for s in SPECS if s.half == half]
         n_h = sum(s.healthy for s in part)
-        assert n_h == 132 and len(part) - n_h == 132, (half, n_h, len(part))
+        assert n_h == size and len(part) - n_h == size, (half, n_h, len(part))
     tune = {dataclasses.replace(s, name="", seed=0) for s in SPECS if s.half == "tune"}
     test = [dataclasses.replace(s, name="", seed=0) for s in SPECS if s.half == "test"]
     assert sum(t in tune for t in test) == 0, "the held-out draw repeats a tuning run's spec"
@@ -197,7 +197,34 @@ def test_row_counts_what_the_contract_says():
     assert r == {"name": "x", "healthy_runs": 3, "false_critical": 1, "false_any": 2,
                  "broken_runs": 3, "recall": round(2 / 3, 4), "median_delay": 3.0,
                  "recall_critical": round(1 / 3, 4), "early": 2,
-                 "false_any_ci95": score.wilson(2, 3), "recall_ci95": score.wilson(2, 3)}
+                 "false_any_ci95": score.wilson(2, 3), "recall_ci95": score.wilson(2, 3),
+                 "combined": round(2 / 3 - 2 / 3, 4)}
+
+
+def _r(name, false_critical, false_any, recall, delay, combined):
+    return {"name": name, "healthy_runs": 100, "false_critical": false_critical,
+            "false_any": false_any, "recall": recall, "median_delay": delay,
+            "combined": combined}
+
+
+_ANCHORS = [_r("quiet", 0, 2, 0.40, 12, 0.38), _r("fast", 9, 20, 0.50, 1, 0.30)]
+
+
+@pytest.mark.parametrize("ours, failing", [
+    (_r("invariants", 0, 5, 0.97, 3, 0.92), []),
+    (_r("invariants", 1, 5, 0.97, 3, 0.92), ["0 critical findings on healthy runs"]),
+    (_r("invariants", 0, 6, 0.97, 3, 0.91), ["warnings on <= 5% of healthy runs"]),
+    (_r("invariants", 0, 5, 0.94, 3, 0.89), ["recall >= 95%"]),
+    # slower than the quiet anchor (2 false alarms <= our 5): fails; the fast one has more
+    (_r("invariants", 0, 5, 0.97, 13, 0.92),
+     ["median delay <= the best anchor at equal or fewer false alarms"]),
+    (_r("invariants", 0, 1, 0.39, 3, 0.38),
+     ["recall >= 95%", "combined score (recall - false-alarm rate) above every anchor"]),
+], ids=["all-met", "a-false-critical", "six-percent-warned", "recall", "slower", "tied-score"])
+def test_acceptance_states_each_criterion_of_issue_15(ours, failing):
+    checks = score.acceptance([ours, *_ANCHORS])
+    assert len(checks) == 5
+    assert [c for c, holds, _ in checks if not holds] == failing, checks
 
 
 @pytest.mark.parametrize("k, n, lo, hi", [
@@ -231,6 +258,8 @@ def test_bench_detection_writes_the_contract(tmp_path, monkeypatch, capsys):
                 "median_delay"} <= set(d), d
         assert d["healthy_runs"] == 1 and d["broken_runs"] == 1
     assert doc["half"] == "test" and "invariants" in capsys.readouterr().out
+    assert [a["criterion"] for a in doc["acceptance"]] == [
+        c for c, _, _ in score.acceptance(doc["detectors"])]
 
 
 def test_bench_detection_bad_usage(capsys):

@@ -118,6 +118,21 @@ def test_phase1_validation_stuck_at_2_5():
     assert scan_records(flat) == []
 
 
+def test_plateau_needs_the_validation_loss_stuck_far_above_the_training_loss():
+    """A val loss that levels off at the train loss's level while training still creeps down
+    is a run converging (the detection corpus' healthy MLPs: val 0.21 flat, train 0.30 ->
+    0.20): no plateau.  Stuck at more than (1 + plateau_gap) x the train loss, as seed 002's
+    2.5 against 0.15-0.31, it is one; plateau_gap=0 is the rule without the gap."""
+    train = [0.30, 0.28, 0.26, 0.25, 0.24, 0.23, 0.22, 0.21, 0.205, 0.20]
+    levelled = [(e, {"loss": t, "val_loss": 0.21}) for e, t in enumerate(train, 1)]
+    stuck = [(e, {"loss": t / 3, "val_loss": 0.21}) for e, t in enumerate(train, 1)]
+    for cfg, records, step in [(SignatureConfig(), levelled, None),
+                               (SignatureConfig(), stuck, 6),
+                               (SignatureConfig(plateau_gap=0.0), levelled, 6)]:
+        found = _by(_agree_records(records, cfg), "plateau", "val_loss")
+        assert [f.step for f in found] == ([] if step is None else [step]), (cfg, found)
+
+
 @pytest.mark.parametrize("val, step, persist", [
     # rises >= 20% above its best 2.3 on 3 val points in a row (2.8, 2.9, 3.0) -> flagged at 3.0
     ([2.5, 2.4, 2.3, 2.4, 2.6, 2.8, 2.9, 3.0], 8, 3),
@@ -310,6 +325,7 @@ GOLDEN_DECREASE = [1.382, 1.085, 1.083, 0.982, 0.907, 0.782, 0.759, 0.6, 0.374, 
 
 
 _RISE = [1.0, 0.8, 0.7, 0.65] + [0.6] * 20 + [0.9] * 8
+_EASY_FIRST = [1.91] + [2.2] * 40
 
 
 @pytest.mark.parametrize("loss, expected", [
@@ -325,12 +341,28 @@ _RISE = [1.0, 0.8, 0.7, 0.65] + [0.6] * 20 + [0.9] * 8
     (_RISE + [0.9] * 20, [("warning", 28, 28), ("critical", 47, 28)]),
     # the same rise lasting 4 points, then back: the level never moves (a spike, not a rise)
     (_RISE[:28] + [0.6] * 6, []),
+    # a first batch easier than any after it (the corpus' batch-4 SGD MLP: 1.91, then
+    # 2.2-2.6): the best is a level of one point, and a rise of 15 % over it stays a warning
+    # (critical against a partial-window best needs divergence_drift_partial, 20 %) ...
+    (_EASY_FIRST, [("warning", 6, 4)]),
+    # ... while a run that breaks from step 0 (x1.5 for 40 points) is critical all the same
+    ([1.91] + [2.9] * 40, [("warning", 6, 4), ("critical", 25, 4)]),
+    # a best set by a full-window level keeps the 10 % drift: +15 % held 30 points is critical
+    ([2.0] * 12 + [1.91] * 12 + [2.2] * 30, [("warning", 28, 28), ("critical", 47, 28)]),
 ], ids=["golden-plateau", "golden-decrease", "plateau-then-rise", "eight-point-rise",
-        "sustained-rise", "four-point-bump"])
+        "sustained-rise", "four-point-bump", "easy-first-batch", "broken-from-step-0",
+        "rise-over-a-full-window-best"])
 def test_divergence_on_short_noisy_logs(loss, expected):
     series = {"loss": (list(range(len(loss))), loss)}
     found = _by(_agree(series, SignatureConfig()), "divergence")
     assert [(f.severity, f.step, f.started_step) for f in found] == expected, found
+
+
+def test_the_partial_window_rule_is_what_keeps_an_easy_first_batch_a_warning():
+    series = {"loss": (list(range(len(_EASY_FIRST))), _EASY_FIRST)}
+    plain = SignatureConfig(divergence_drift_partial=SignatureConfig().divergence_drift)
+    found = _by(_agree(series, plain), "divergence", severity="critical")
+    assert [f.step for f in found] == [25], found
 
 
 def test_spike_that_recovers_is_a_warning_and_a_persistent_rise_is_critical():
@@ -463,6 +495,8 @@ def test_drivers_agree_on_the_seed_logs():
     ({"spike_k": -1.0}, r"spike_k=-1.0: must be > 0"),
     ({"spike_window": 0}, r"spike_window=0: must be an integer >= 1"),
     ({"zclip_alpha": 1.0}, r"zclip_alpha=1.0: must lie in \(0, 1\)"),
+    ({"plateau_gap": -0.5}, r"plateau_gap=-0.5: must be >= 0"),
+    ({"divergence_drift_partial": -0.1}, r"divergence_drift_partial=-0.1: must be >= 0"),
     ({"bg_low": 0.9, "bg_high": 0.5}, r"bg_low=0.9: must be < bg_high"),
     ({"lora_norm_warn": 3.0}, r"must satisfy warn <= critical <= kill"),
     ({"entropy_max": math.nan}, r"entropy_max=nan: must be a finite number"),
@@ -474,7 +508,7 @@ def test_drivers_agree_on_the_seed_logs():
     ({"entropy_healthy": 2.5}, r"entropy_healthy=2.5: must be <= entropy_max=2.0"),
     ({"attention_healthy": 0.05}, r"attention_healthy=0.05: must be >= attention_min=0.1"),
     ({"zclip_local_points": 0}, r"zclip_local_points=0: must be an integer >= 1"),
-], ids=["neg-k", "zero-window", "alpha-1", "bg-order", "lora-order", "nan", "vocab",
+], ids=["neg-k", "zero-window", "alpha-1", "neg-gap", "neg-partial-drift", "bg-order", "lora-order", "nan", "vocab",
         "severity-name", "severity-value", "disabled", "min-periods", "entropy-healthy",
         "attention-healthy", "local-points"])
 def test_bad_config(kwargs, match):

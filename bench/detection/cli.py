@@ -1,7 +1,7 @@
 """Owns ``python -m bench detection [--json FILE] [--half test|tune] [--processes N]``:
 generates (or reads from the cache) the corpus, scores our detectors and the anchors on
-one half (default: the held-out test half), prints the table and writes the JSON
-``{"detectors": [...], "half", "corpus"}``.
+one half (default: the held-out test half), prints the table and issue 15's acceptance
+for our row, and writes the JSON ``{"detectors": [...], "half", "acceptance", "corpus"}``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pathlib import Path
 from bench.detection import corpus, score
 
 _COLS = ("name", "healthy_runs", "false_critical", "false_any", "broken_runs", "recall",
-         "median_delay", "recall_critical", "early", "false_any_ci95", "recall_ci95")
+         "median_delay", "recall_critical", "early", "false_any_ci95", "recall_ci95",
+         "combined")
 
 
 def _cell(v) -> str:
@@ -43,9 +44,14 @@ def main(argv=None) -> int:
     for r in table:
         print("  ".join(f"{_cell(r[c]):>{max(len(c), 8)}}" if i else f"{r[c]:<28}"
                         for i, c in enumerate(_COLS)))
+    checks = score.acceptance(table)
+    print(f"acceptance (issue 15) on the {args.half} half:")
+    for criterion, holds, numbers in checks:
+        print(f"  {'met    ' if holds else 'NOT met'}  {criterion}: {numbers}")
     if args.json:
         specs = [s for s in corpus.specs() if s.half == args.half]
         doc = {"detectors": table, "half": args.half,
+               "acceptance": [{"criterion": c, "met": h, "measured": m} for c, h, m in checks],
                "corpus": {"generator_version": corpus.GENERATOR_VERSION, "runs": len(specs),
                           "healthy": sum(s.healthy for s in specs),
                           "broken": sum(not s.healthy for s in specs)}}

@@ -3,10 +3,10 @@ from seeds, healthy and broken, each log labelled by construction with its cause
 the training step the cause starts.  Nothing is downloaded.
 
 - ``specs()``: the fixed list of ``RunSpec`` (model kind, optimiser, LR, batch size,
-  dtype, logging interval, length, cause, onset), four draws of the same design.
-  ``spec.half`` splits by seed: seeds 0-263 (draws 1 and 2, both looked at while
-  choosing defaults) tune; seeds 264-527 (draws 3 and 4, generated after round 5's
-  defaults were fixed) are the held-out test half.
+  dtype, logging interval, length, cause, onset), six draws of the same design.
+  ``spec.half`` splits by seed: seeds 0-527 (draws 1-4, all looked at while choosing
+  defaults) tune; seeds 528-791 (draws 5 and 6, generated after round 6's defaults were
+  fixed) are the held-out test half.
 - ``generate(spec)``: trains the run and returns its log ``{metric: (steps, values)}``
   with ``loss``, ``grad_norm``, ``lr`` every logged step and, where it applies,
   ``accuracy`` (training batch) and ``val_loss`` (a fixed held-out set).
@@ -83,14 +83,17 @@ _BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # the draws: (spec generator seed, first run seed), 132 runs each.  Round 1's corpus (draw
 # 1) split its seeds by parity; by round 5 both parities had been inspected, so it became
 # tuning data, draw 2 was held out once (overfit_persist chosen on draw 1) and then folded
-# into tuning (spike_k chosen on draws 1+2); draws 3 and 4, made after that, are held out
-_DRAWS = ((20240915, 0), (20261130, 132), (20261131, 264), (20261132, 396))
-_TUNE_SEEDS = 264
+# into tuning (spike_k chosen on draws 1+2); draws 3 and 4 were held out once for round 5's
+# defaults and then, their false alarms inspected, folded into tuning (plateau_gap and
+# divergence_drift_partial chosen on draws 1-4); draws 5 and 6, made after that, are held out
+_DRAWS = ((20240915, 0), (20261130, 132), (20261131, 264), (20261132, 396),
+          (20261201, 528), (20261202, 660))
+_TUNE_SEEDS = 528
 
 
 def specs() -> list[RunSpec]:
-    """The corpus, deterministic: four draws of 66 healthy + 66 broken runs (seeds 0-263
-    tune, 264-527 test; ``RunSpec.half``)."""
+    """The corpus, deterministic: six draws of 66 healthy + 66 broken runs (seeds 0-527
+    tune, 528-791 test; ``RunSpec.half``)."""
     return [s for rng_seed, first in _DRAWS for s in _draw(rng_seed, first, 66, 66)]
 
 

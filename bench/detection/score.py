@@ -12,6 +12,8 @@
   broken runs with an alarm before the onset (a false alarm on the healthy part).
 - ``false_any_ci95`` and ``recall_ci95``: Wilson 95 % intervals of the two rates, so a
   reader sees what a half of 132 runs can resolve (12 of 132 warned: 5.3-15.2 %).
+- ``combined``: recall minus the false-alarm rate (``false_any / healthy_runs``, Youden's
+  J); ``acceptance(table)`` states issue 15's criteria for our row against the anchors.
 """
 from __future__ import annotations
 
@@ -79,7 +81,43 @@ def row(name: str, results: list[tuple[corpus.RunSpec, int | None, list]]) -> di
             "median_delay": statistics.median(delays) if delays else None,
             "recall_critical": round(crit / n_b, 4) if n_b else None, "early": early,
             "false_any_ci95": wilson(false_any, len(healthy)),
-            "recall_ci95": wilson(len(delays), n_b)}
+            "recall_ci95": wilson(len(delays), n_b),
+            "combined": (round(len(delays) / n_b - false_any / len(healthy), 4)
+                         if n_b and healthy else None)}
+
+
+def acceptance(table: list[dict], budget_false_any: float = 0.05,
+               min_recall: float = 0.95) -> list[tuple[str, bool, str]]:
+    """Issue 15's acceptance for the ``invariants`` row of ``table``, each criterion as
+    ``(criterion, holds, the numbers behind it)``: no critical alarm on a healthy run;
+    warnings on at most ``budget_false_any`` of them; recall at least ``min_recall``; a
+    median delay no worse than the fastest anchor with as few or fewer false alarms; and a
+    combined score (``recall - false_any / healthy_runs``, Youden's J) above every anchor's.
+    """
+    ours = next(r for r in table if r["name"] == "invariants")
+    others = [r for r in table if r["name"] != "invariants"]
+    n = ours["healthy_runs"]
+    rivals = [r for r in others if r["false_any"] <= ours["false_any"]
+              and r["median_delay"] is not None]
+    best = min(rivals, key=lambda r: r["median_delay"], default=None)
+    top = max(others, key=lambda r: r["combined"], default=None)
+    delay = ours["median_delay"]
+    return [
+        ("0 critical findings on healthy runs", ours["false_critical"] == 0,
+         f"{ours['false_critical']} of {n}"),
+        (f"warnings on <= {budget_false_any:.0%} of healthy runs",
+         ours["false_any"] <= budget_false_any * n,
+         f"{ours['false_any']} of {n} ({ours['false_any'] / n:.1%})"),
+        (f"recall >= {min_recall:.0%}", ours["recall"] >= min_recall, f"{ours['recall']}"),
+        ("median delay <= the best anchor at equal or fewer false alarms",
+         best is None or (delay is not None and delay <= best["median_delay"]),
+         f"{delay} vs {best['name']} {best['median_delay']} ({best['false_any']} false alarms)"
+         if best else f"{delay}; no anchor has as few false alarms"),
+        ("combined score (recall - false-alarm rate) above every anchor",
+         top is None or ours["combined"] > top["combined"],
+         f"{ours['combined']} vs best anchor {top['name']} {top['combined']}" if top else
+         f"{ours['combined']}"),
+    ]
 
 
 def evaluate(logs: dict, half: str, config: SignatureConfig | None = None,

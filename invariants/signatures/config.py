@@ -97,6 +97,11 @@ class SignatureConfig:
     # ... a warning when first flagged, critical once flagged for `divergence_persist`
     # consecutive points (a rise that came back sooner stays a warning)
     divergence_persist: int = 20
+    # ... and, against a best set while the level was the median of fewer than level_window
+    # points (a log's first points: one easy batch), a level more than this above it
+    # (ours; twice divergence_drift. Draws 1-4: off -> 1 healthy run critical, 0.12-0.15 -> 1,
+    # 0.2 -> 0 at one broken run's critical verdict fewer; docs/signatures.md)
+    divergence_drift_partial: float = 0.2
     smooth_window: int = 50        # noise estimates over the last 50 changes; accuracy smoothing
     # plateau: no improvement > min_delta within `patience` checks.  Seed 002 stops after
     # (3, 0.01); that flags every healthy curve whose improvement slows below 0.01 per 3
@@ -109,6 +114,10 @@ class SignatureConfig:
     # ... while the smoothed train loss fell > 10% since the val best (ours: seed 002's
     # "val stuck while train improves"; at convergence both are flat). 0: the plain rule
     plateau_train_gain: float = 0.1
+    # ... and the recent val best lies more than plateau_gap (relative) above the smoothed
+    # train loss now: val stuck far above train (seed 002: 2.5 vs 0.15-0.31), not a val
+    # loss that levelled off at the train loss's level (0: no gap condition)
+    plateau_gap: float = 1.0
     # overfit gap (val - train)/train > 0.1 (SageMaker Overfit); train = smoothed loss; judged on
     # comparable points only (not the first val point; >= overfit_min_train train points) and
     # while val rises >= overfit_rise above its earlier best (a growing gap; 0: plain rule)
@@ -171,8 +180,9 @@ class SignatureConfig:
                 require(isinstance(v, int) and v >= 1, f.name, v, "must be an integer >= 1")
             elif f.name in ("zclip_alpha",):
                 require(0.0 < v < 1.0, f.name, v, "must lie in (0, 1)")
-            elif f.name in ("plateau_min_delta", "divergence_drift", "overfit_rise",
-                            "plateau_train_gain"):
+            elif f.name in ("plateau_min_delta", "divergence_drift", "divergence_drift_partial",
+                            "overfit_rise",
+                            "plateau_train_gain", "plateau_gap"):
                 require(v >= 0.0, f.name, v, "must be >= 0")
             elif f.name in ("bg_low", "bg_high", "accuracy_drop", "encoder_share_low",
                             "encoder_share_high", "mode_collapse_distinct", "seq_rep_max"):

@@ -232,7 +232,11 @@ class Divergence(Detector):
     The severity ladder: the first flagged point is a ``warning``; the flag becomes
     ``critical`` once it has held for ``divergence_persist`` consecutive points (the level
     stayed above its best, a rise that did not come back) at a point at or after
-    ``warmup_points`` (statistics of fewer points decide nothing critical).
+    ``warmup_points`` (statistics of fewer points decide nothing critical).  A best set
+    while the level was the median of fewer than ``level_window`` points (the first
+    points of a log: one easy batch can be it) is an extreme of few samples: a critical
+    verdict against it also needs the level more than ``divergence_drift_partial``
+    (relative) above it.
     ``started_step`` is the first point of the CUSUM excursion (the level lags the raw
     series by up to ``level_window // 2`` points), ``recovered_step`` the first
     later point whose level is back within half of ``divergence_drift`` (relative) of the
@@ -286,10 +290,16 @@ class Divergence(Detector):
         if not hit.any():
             return []
         run = _run_lengths(hit)
+        critical = (run >= c.divergence_persist) & (idx >= c.warmup_points)
+        # where the best was set: a partial-window level needs the larger rise
+        new = np.empty(n, dtype=bool)
+        new[0] = True
+        np.less(s[1:], ref[:-1], out=new[1:])
+        at = np.maximum.accumulate(np.where(new, idx, 0))
+        critical &= (at >= r - 1) | (rel > c.divergence_drift_partial)
         out = []
         zero = np.flatnonzero(S <= 0.0)
-        for sev, mask in (("warning", hit),
-                          ("critical", (run >= c.divergence_persist) & (idx >= c.warmup_points))):
+        for sev, mask in (("warning", hit), ("critical", critical)):
             i = _first(mask)
             if i < 0:
                 continue
@@ -305,8 +315,9 @@ class Divergence(Detector):
 
 
 class _DivergenceState(_State):
-    __slots__ = ("det", "med", "nz", "i", "ref", "D", "Dmin", "k", "h", "rho", "w", "r",
-                 "warm", "start", "pending", "warned", "critical", "run", "persist")
+    __slots__ = ("det", "med", "nz", "i", "ref", "ref_at", "D", "Dmin", "k", "h", "rho",
+                 "rho_partial", "w", "r", "warm", "start", "pending", "warned", "critical",
+                 "run", "persist")
 
     def __init__(self, det):
         cfg = det.cfg
@@ -315,11 +326,13 @@ class _DivergenceState(_State):
         self.nz = _NoiseState(cfg.smooth_window, relative=False)
         self.i = 0
         self.ref = math.inf
+        self.ref_at = 0          # index of the point whose level is the best
         self.D = 0.0
         self.Dmin = math.inf
         self.k = cfg.divergence_k
         self.h = cfg.divergence_h
         self.rho = cfg.divergence_drift
+        self.rho_partial = cfg.divergence_drift_partial
         self.w = cfg.smooth_window
         self.r = cfg.level_window
         self.warm = cfg.warmup_points
@@ -342,7 +355,9 @@ class _DivergenceState(_State):
                                                                      else self.r))
         if not sd > 1e-300:
             sd = 1e-300
-        ref = self.ref = s if s < self.ref else self.ref
+        if s < self.ref:
+            self.ref, self.ref_at = s, i
+        ref = self.ref
         q = (i + 1) // self.r
         z = (s - ref) / sd - math.sqrt(_2LN2 * float(q.bit_length() - 1 if q > 0 else 0))
         aref = abs(ref)
@@ -367,7 +382,8 @@ class _DivergenceState(_State):
             self.run += 1
             for crit in (False, True):
                 if (self.critical if crit else self.warned) or (crit and not (
-                        self.run >= self.persist and i >= self.warm)):
+                        self.run >= self.persist and i >= self.warm and (
+                            self.ref_at >= self.r - 1 or rel > self.rho_partial))):
                     continue
                 if crit:
                     self.critical = True

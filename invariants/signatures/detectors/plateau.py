@@ -15,12 +15,15 @@ from invariants.signatures.findings import _g
 class Plateau(Detector):
     """No point among the last ``patience`` is below (best before them) - ``min_delta``,
     while the smoothed training loss has fallen more than ``plateau_train_gain`` (relative)
-    since that best.
+    since that best and, with ``plateau_gap > 0``, now lies more than ``plateau_gap``
+    (relative) below the best of those recent validation points.
 
-    The second condition is what makes a flat validation curve a signature (seed 002:
-    validation stuck at 2.5 while training improves): at convergence both curves are flat
-    and a team has nothing to act on.  Without a training loss in the log, or with
-    ``plateau_train_gain=0``, it is the plain early-stopping rule.
+    The train conditions are what make a flat validation curve a signature (seed 002:
+    validation stuck at 2.5 while training improves to 0.15): at convergence both curves
+    are flat and a team has nothing to act on, and a validation loss that settles at the
+    training loss's level while training still creeps down is a run converging, not a
+    model failing to generalise (the gap).  Without a training loss in the log it is the
+    plain early-stopping rule.
     """
 
     signature = "plateau"
@@ -53,6 +56,8 @@ class Plateau(Detector):
             tb, hb = train[at], has[at]
             tn, hn = train[p:], has[p:]
             gain = ~hn | (hb & (tn < (1.0 - c.plateau_train_gain) * tb))
+            if c.plateau_gap > 0.0:
+                gain &= ~hn | (recent > (1.0 + c.plateau_gap) * tn)
         j = _first((recent >= prior - c.plateau_min_delta) & gain)
         if j < 0:
             return []
@@ -65,7 +70,7 @@ class Plateau(Detector):
 
 
 class _PlateauState(_State):
-    __slots__ = ("det", "buf", "prior", "tprior", "p", "delta", "gain", "seen_train")
+    __slots__ = ("det", "buf", "prior", "tprior", "p", "delta", "gain", "gap", "seen_train")
 
     def __init__(self, det):
         self.det = det
@@ -75,6 +80,7 @@ class _PlateauState(_State):
         self.p = det.cfg.plateau_patience
         self.delta = det.cfg.plateau_min_delta
         self.gain = det.cfg.plateau_train_gain
+        self.gap = det.cfg.plateau_gap
         self.seen_train = False
         self.done = False
 
@@ -95,6 +101,8 @@ class _PlateauState(_State):
                     ok = True
                 else:
                     ok = self.tprior is not None and train < (1.0 - self.gain) * self.tprior
+                    if ok and self.gap > 0.0:
+                        ok = recent > (1.0 + self.gap) * train
                 if ok:
                     self.done = True
                     t = self.seen_train and train is not None and self.tprior is not None
