@@ -30,9 +30,17 @@ def _modules(system: str) -> tuple[Any, Any]:
 def collapse_shown(system: str, cfg: Any, seed: int, device: str = "cpu") -> dict[str, Any]:
     """Run ``cfg`` of ``system`` on ``seed``: its critical findings and whether they contain
     every one of the system's documented collapse signatures."""
-    collapse, golden = _modules(system)
+    collapse, _ = _modules(system)
     with deterministic(seed):                # as a golden run executes (one thread, flags)
         curves = collapse.run(cfg, seed, device)
+    return shown_in(system, curves)
+
+
+def shown_in(system: str, curves: dict) -> dict[str, Any]:
+    """``collapse_shown``'s verdict on curves already made (a golden run's, when the config
+    and the seed are that run's: ``GoldenRun.fn`` is ``collapse.run`` under the same
+    ``deterministic(seed)``)."""
+    _, golden = _modules(system)
     series = {m: c for m, c in curves.items() if m in CANONICAL_METRICS}
     findings = scan_series(series, SignatureConfig())
     critical = sorted({(f.signature, f.metric) for f in findings if f.severity == "critical"})

@@ -9,10 +9,13 @@ fails.
 from __future__ import annotations
 
 import importlib
+from dataclasses import asdict
 
 import pytest
 
-from reference_models.pairs import collapse_shown
+from reference_models.golden_runs import RUNS
+from reference_models.pairs import collapse_shown, shown_in
+from tests.shared_group import shared_run_curves
 
 # (system, restored setting, does restoring it alone remove the collapse?)
 ABLATION_FACTS = [
@@ -29,9 +32,15 @@ ABLATION_FACTS = [
 @pytest.mark.golden
 @pytest.mark.parametrize("system, setting, removes", ABLATION_FACTS,
                          ids=[f"{s}-{k}" for s, k, _ in ABLATION_FACTS])
-def test_restoring_one_blamed_setting(system, setting, removes):
+def test_restoring_one_blamed_setting(system, setting, removes, request, tmp_path_factory):
     collapse = importlib.import_module(f"reference_models.{system}.collapse")
-    shown = collapse_shown(system, collapse.ABLATIONS[setting], seed=0)
+    cfg = collapse.ABLATIONS[setting]
+    # an ablation that restores a system's only blamed setting IS its fixed run: read the
+    # session's shared execution of that golden (same training function, config and seed)
+    same = [r for r in RUNS if r.config.get("system") == system and r.seed == 0
+            and r.config["cfg"] == asdict(cfg)]
+    shown = (shown_in(system, shared_run_curves(tmp_path_factory, request, same[0])) if same
+             else collapse_shown(system, cfg, seed=0))
     assert shown["collapsed"] is (not removes), (
         f"{system}: restoring {setting!r} alone should {'remove' if removes else 'leave'} the "
         f"collapse; critical findings: {shown['critical']}")
@@ -44,7 +53,6 @@ def test_restoring_one_blamed_setting(system, setting, removes):
 @pytest.mark.golden
 @pytest.mark.parametrize("system", ["hyperlora", "staged_modules", "curriculum_lm", "lora_init"])
 def test_every_ablation_is_the_broken_config_with_one_setting_restored(system):
-    from dataclasses import asdict
     collapse = importlib.import_module(f"reference_models.{system}.collapse")
     fixed, broken = asdict(collapse.FIXED), asdict(collapse.BROKEN)
     blamed = {k for k in fixed if fixed[k] != broken[k]}
