@@ -195,6 +195,12 @@ def _jsonl_cases():
                                    "2"] * 6)),
         "ints-floats-epoch": "".join(f'{{"epoch": {s / 4}, "accuracy": {s % 2}}}\n'
                                      for s in range(60)),
+        # the token only where nothing is read (the fast path keeps the block), and a read
+        # column that is null on every line (Arrow types it `null`: it must still be NaN)
+        "null-in-an-unread-column": "".join(f'{{"step": {s}, "loss": 1.5, "note": null}}\n'
+                                            for s in range(60)),
+        "all-null-column": "".join(f'{{"step": {s}, "loss": null, "lr": 0.1}}\n'
+                                   for s in range(60)),
         "samples": "".join(f'{{"step": {s}, "sample": "{"ab" * (s % 3)}", "loss": 1}}\n'
                            for s in range(60)),
     }
@@ -220,7 +226,8 @@ def test_fast_path_equals_slow_path(case, block, tmp_path, monkeypatch):
     real_slow = jsonl_reader._slow
     monkeypatch.setattr(jsonl_reader, "_slow", lambda *a: slow_blocks.append(a[2]) or real_slow(*a))
     fast = read_log(path)
-    if case in ("dense", "ints-floats-epoch", "samples", "sparse-blank-lines"):
+    if case in ("dense", "ints-floats-epoch", "samples", "sparse-blank-lines",
+                "null-in-an-unread-column"):
         assert slow_blocks == [], f"the native path fell back to json for blocks at {slow_blocks}"
     monkeypatch.setattr(jsonl_reader, "_arrow", lambda: None)
     slow = read_log(path)

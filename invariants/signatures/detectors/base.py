@@ -244,15 +244,22 @@ def _median_low(x: np.ndarray, r: int) -> np.ndarray:
         m[i] = sorted(x[: i + 1].tolist())[i // 2]
     if n >= r:   # compare-exchange in place: one spare buffer, no temporaries per pair
         k = n - r + 1
-        cols = [x[j:k + j].copy() for j in range(r)]
+        # the shifted columns start as views of x; a column is copied only when a pair
+        # first writes to it (its max), so no pass copies x up front
+        cols = [x[j:k + j] for j in range(r)]
+        owned = [False] * r
         spare = np.empty(k)
         pairs = _MED9 if r == 9 else [(i, i + 1) for p in range(r)
                                       for i in range(p % 2, r - 1, 2)]
         for a, b in pairs:
             u, v = cols[a], cols[b]
             np.minimum(u, v, out=spare)
-            np.maximum(u, v, out=v)
-            cols[a], spare = spare, u
+            if owned[b]:
+                np.maximum(u, v, out=v)
+            else:
+                cols[b], owned[b] = np.maximum(u, v), True
+            cols[a], spare = spare, (u if owned[a] else np.empty(k))
+            owned[a] = True
         m[r - 1:] = cols[4 if r == 9 else (r - 1) // 2]
     return m
 

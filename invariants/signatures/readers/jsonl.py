@@ -58,14 +58,17 @@ def _step_key_from_first(chunk: bytes, first_line: int, b: Builder) -> None:
 
 def _fast(pa, chunk: bytes, first_line: int, newlines: int, b: Builder) -> Block | None:
     """The block as columns, or None when only the slow path can be exact."""
-    if b"null" in chunk:
-        return None
     try:
         table = pa.json.read_json(io.BytesIO(chunk), read_options=pa.json.ReadOptions(
             use_threads=True, block_size=1 << 20))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         return None
     if b.step_key not in table.column_names:
+        return None
+    # a null in a column we read is a `null` token or a missing key, and only the slow path
+    # tells them apart; the byte scan for the token runs only then (a dense log skips it)
+    if any(table.column(n).null_count for n in table.column_names
+           if n == b.step_key or b.kind(n) is not None) and b"null" in chunk:
         return None
     n_lines = newlines + (0 if chunk.endswith(b"\n") else 1)
     return arrow_block(pa, table, table.column_names, b, first_line, n_lines,
