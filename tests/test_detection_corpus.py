@@ -227,6 +227,13 @@ def test_acceptance_states_each_criterion_of_issue_15(ours, failing):
     assert [c for c, holds, _ in checks if not holds] == failing, checks
 
 
+
+def test_acceptance_of_a_half_without_broken_runs_is_not_met():
+    empty = {**_r("invariants", 0, 0, None, None, None), "broken_runs": 0}
+    assert score.acceptance([empty, *_ANCHORS]) == [
+        ("a half with healthy and broken runs", False, "100 healthy, 0 broken")]
+
+
 @pytest.mark.parametrize("k, n, lo, hi", [
     (12, 132, 0.0528, 0.1522),   # the held-out half's warned healthy runs, round 5
     (0, 132, 0.0, 0.0283),       # none of 132: the rate is still only known to be < 2.8 %

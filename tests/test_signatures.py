@@ -363,6 +363,13 @@ def test_the_partial_window_rule_is_what_keeps_an_easy_first_batch_a_warning():
     plain = SignatureConfig(divergence_drift_partial=SignatureConfig().divergence_drift)
     found = _by(_agree(series, plain), "divergence", severity="critical")
     assert [f.step for f in found] == [25], found
+    # a run broken from step 0 is critical under the default, and its finding names the bar
+    # it cleared (the partial-window drift), not the plain one
+    broken = [1.91] + [2.9] * 40
+    crit = _one(_agree({"loss": (list(range(41)), broken)}, SignatureConfig()), "divergence",
+                severity="critical")
+    assert crit.threshold == pytest.approx(1.91 * 1.2, rel=1e-3), crit
+    assert "more than 20% above this best (set within the first 9 points)" in crit.message
 
 
 def test_spike_that_recovers_is_a_warning_and_a_persistent_rise_is_critical():

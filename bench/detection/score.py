@@ -95,8 +95,11 @@ def acceptance(table: list[dict], budget_false_any: float = 0.05,
     combined score (``recall - false_any / healthy_runs``, Youden's J) above every anchor's.
     """
     ours = next(r for r in table if r["name"] == "invariants")
-    others = [r for r in table if r["name"] != "invariants"]
+    others = [r for r in table if r["name"] != "invariants" and r["combined"] is not None]
     n = ours["healthy_runs"]
+    if not n or ours["recall"] is None:
+        return [("a half with healthy and broken runs", False,
+                 f"{n} healthy, {ours['broken_runs']} broken")]
     rivals = [r for r in others if r["false_any"] <= ours["false_any"]
               and r["median_delay"] is not None]
     best = min(rivals, key=lambda r: r["median_delay"], default=None)

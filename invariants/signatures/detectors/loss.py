@@ -246,12 +246,15 @@ class Divergence(Detector):
 
     signature = "divergence"
 
-    def _f(self, sev, step, s, ref, S, sd, start, rec):
+    def _f(self, sev, step, s, ref, S, sd, start, partial, rec):
         c = self.cfg
-        why = (f"; held for {c.divergence_persist} points" if sev == "critical" else
+        rise = (f" with the level more than {_g(100 * c.divergence_drift_partial)}% above this "
+                f"best (set within the first {c.level_window} points)" if partial else "")
+        why = (f"; held for {c.divergence_persist} points{rise}" if sev == "critical" else
                f"; critical if it holds for {c.divergence_persist} points (from point "
-               f"{c.warmup_points} on)")
-        return self.episode(sev, step, s, ref * (1.0 + c.divergence_drift),
+               f"{c.warmup_points} on){rise}")
+        drift = c.divergence_drift_partial if partial and sev == "critical" else c.divergence_drift
+        return self.episode(sev, step, s, ref * (1.0 + drift),
                             f"{self.metric} rose after improving: level (median of the last "
                             f"{c.level_window}) {_g(s)} vs best {_g(ref)} since step "
                             f"{_g(start)}, {_g((s - ref) / sd)} noise units (sd {_g(sd)}); CUSUM "
@@ -307,7 +310,7 @@ class Divergence(Detector):
             st = int(zero[zi]) + 1 if zi >= 0 else 0
             rr = _after(s <= (1.0 + 0.5 * c.divergence_drift) * ref[i], i)
             out.append(self._f(sev, view.step[i], s[i], ref[i], S[i], sd[i], view.step[st],
-                               view.step[rr] if rr >= 0 else None))
+                               bool(at[i] < r - 1), view.step[rr] if rr >= 0 else None))
         return out
 
     def stream(self):
@@ -389,7 +392,8 @@ class _DivergenceState(_State):
                     self.critical = True
                 else:
                     self.warned = True
-                args = ("critical" if crit else "warning", step, s, ref, S, sd, self.start)
+                args = ("critical" if crit else "warning", step, s, ref, S, sd, self.start,
+                        self.ref_at < self.r - 1)
                 out = (out or []) + [self.det._f(*args, None)]
                 self.pending.append((args, ref))
         else:

@@ -1,5 +1,6 @@
 """Owns ``Plateau`` (the validation loss has not improved within ``plateau_patience``
-checks while the training loss kept improving) and its streaming state.
+checks while the training loss kept improving and lies far below it) and its streaming
+state.
 """
 from __future__ import annotations
 
@@ -15,15 +16,16 @@ from invariants.signatures.findings import _g
 class Plateau(Detector):
     """No point among the last ``patience`` is below (best before them) - ``min_delta``,
     while the smoothed training loss has fallen more than ``plateau_train_gain`` (relative)
-    since that best and, with ``plateau_gap > 0``, now lies more than ``plateau_gap``
-    (relative) below the best of those recent validation points.
+    since that best and, with ``plateau_gap > 0``, the best of those recent validation
+    points exceeds ``(1 + plateau_gap)`` x the smoothed training loss now.
 
     The train conditions are what make a flat validation curve a signature (seed 002:
     validation stuck at 2.5 while training improves to 0.15): at convergence both curves
     are flat and a team has nothing to act on, and a validation loss that settles at the
     training loss's level while training still creeps down is a run converging, not a
     model failing to generalise (the gap).  Without a training loss in the log it is the
-    plain early-stopping rule.
+    plain early-stopping rule; with one, ``plateau_train_gain=0`` and ``plateau_gap=0``
+    come closest to it (the train loss must still have fallen at all).
     """
 
     signature = "plateau"

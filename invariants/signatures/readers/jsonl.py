@@ -3,8 +3,9 @@ parser, with Python's ``json`` as the slow path that decides every hard case.
 
 Fast path (``_fast``): a block goes to ``pyarrow.json.read_json`` and comes back
 as columns.  It hands the block to the slow path whenever it cannot be exact: a
-``null`` token (Arrow cannot tell ``null``, which reads as NaN, from a missing key,
-which means "not logged"), text in a numeric column (``"nan"``, ``"inf"``), a
+``null`` token in a block where a column it reads has nulls (Arrow cannot tell
+``null``, which reads as NaN, from a missing key, which means "not logged"; such a block
+is parsed twice), text in a numeric column (``"nan"``, ``"inf"``), a
 boolean, a missing or non-finite step, a parse error, or a ``--map`` collision.
 The slow path (``_slow``) parses the same block line by line and raises the
 ``FILE:LINE: problem`` error, so line numbers stay right.  Without pyarrow every
