@@ -62,6 +62,17 @@ def _run_lengths(hit: np.ndarray) -> np.ndarray:
     return idx - np.maximum.accumulate(np.where(hit, -1, idx))
 
 
+def _best_at(x: np.ndarray, best: np.ndarray) -> np.ndarray:
+    """For each index, the index of the point that set ``best = np.minimum.accumulate(x)``
+    there (its last strictly new minimum; 0 before any)."""
+    n = len(x)
+    new = np.empty(n, dtype=bool)
+    if n:
+        new[0] = x[0] < np.inf
+        np.less(x[1:], best[:-1], out=new[1:])
+    return np.maximum.accumulate(np.where(new, np.arange(n), 0))
+
+
 def _first(mask: np.ndarray) -> int:
     """Index of the first True, or -1."""
     if mask.size == 0:

@@ -19,9 +19,9 @@ import math
 
 import numpy as np
 
-from invariants.signatures.detectors.base import (Detector, _first, _median_low, _MedianState,
-                                                  _noise, _NoiseState, _prev_max, _run_lengths,
-                                                  _SlidingMax, _State)
+from invariants.signatures.detectors.base import (Detector, _best_at, _first, _median_low,
+                                                  _MedianState, _noise, _NoiseState, _prev_max,
+                                                  _run_lengths, _SlidingMax, _State)
 from invariants.signatures.findings import Finding, _g
 
 
@@ -294,11 +294,7 @@ class Divergence(Detector):
             return []
         run = _run_lengths(hit)
         critical = (run >= c.divergence_persist) & (idx >= c.warmup_points)
-        # where the best was set: a partial-window level needs the larger rise
-        new = np.empty(n, dtype=bool)
-        new[0] = True
-        np.less(s[1:], ref[:-1], out=new[1:])
-        at = np.maximum.accumulate(np.where(new, idx, 0))
+        at = _best_at(s, ref)   # where the best was set: a partial-window level rises more
         critical &= (at >= r - 1) | (rel > c.divergence_drift_partial)
         out = []
         zero = np.flatnonzero(S <= 0.0)

@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from invariants.signatures.config import SMOOTHED_LOSS
-from invariants.signatures.detectors.base import Detector, _first, _State
+from invariants.signatures.detectors.base import Detector, _best_at, _first, _State
 from invariants.signatures.findings import _g
 
 
@@ -50,8 +50,7 @@ class Plateau(Detector):
         run = np.minimum.accumulate(x)
         prior = run[: n - p]                                       # best of x[0 .. i-p]
         recent = np.lib.stride_tricks.sliding_window_view(x, p).min(axis=1)[1:]  # min x[i-p+1 .. i]
-        new = x < np.concatenate(([np.inf], run[:-1]))             # a strictly new best
-        at = np.maximum.accumulate(np.where(new, np.arange(n), 0))[: n - p]  # index of prior
+        at = _best_at(x, run)[: n - p]                             # index of prior
         train, has = ctx.last_before(self.other, view.pos)
         gain = np.ones(n - p, dtype=bool)
         if has.any():
